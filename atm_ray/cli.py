@@ -1,0 +1,113 @@
+"""The ``atm-ray`` command line.
+
+    atm-ray config show --preset paper
+    atm-ray prepare --preset tiny [key.sub=value ...]
+    atm-ray pretrain --stage 1 --preset tiny
+    atm-ray pipeline --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from atm_ray.config import ConfigError, load_config
+from atm_ray.data.readers import DataFormatError
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="tiny, cpu, paper, or a YAML file")
+    parser.add_argument("--run-dir", type=Path, default=None, help="where the run's stages write (default: the preset's run_dir)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override preset values")
+
+
+def _config(args):
+    config = load_config(args.preset, args.overrides)
+    if args.run_dir is not None:
+        config.run_dir = str(args.run_dir)
+    return config
+
+
+def command_config_show(args) -> None:
+    from atm_ray.modeling import count_parameters
+
+    config = _config(args)
+    vocab_size = config.tokenizer.vocab_size
+    print(f"preset {config.name}: vocabulary {vocab_size:,}, sequence length {config.data.max_seq_len}")
+    header = f"{'model':14s} {'layers':>6s} {'hidden':>6s} {'heads':>5s} {'ffn':>6s} {'embedding':>14s} {'non-embedding':>14s} {'total':>14s}"
+    print(header)
+    for name, shape in config.models.items():
+        count = count_parameters(shape, vocab_size)
+        print(
+            f"{name:14s} {shape.num_layers:6d} {shape.hidden_size:6d} {shape.num_heads:5d} {shape.intermediate_size:6d} "
+            f"{count.embedding:14,d} {count.non_embedding:14,d} {count.total:14,d}"
+        )
+    if args.full:
+        print(config.model_dump_json(indent=2))
+
+
+def command_prepare(args) -> None:
+    from atm_ray.prepare import format_summary, prepare
+
+    print(format_summary(prepare(_config(args), force=args.force)))
+
+
+def command_pretrain(args) -> None:
+    from atm_ray.pretrain import run_pretrain_stage
+
+    result = run_pretrain_stage(_config(args), stage=args.stage)
+    print(result.summary())
+
+
+def command_pipeline(args) -> None:
+    from atm_ray.pipeline import run_pipeline
+
+    run_pipeline(_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atm-ray", description="Alexa Teacher Model pipeline on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    config_parser = commands.add_parser("config", help="inspect presets")
+    config_commands = config_parser.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="model shapes and parameter counts (no weights allocated)")
+    _add_common(show)
+    show.add_argument("--full", action="store_true", help="also print the whole resolved configuration")
+    show.set_defaults(handler=command_config_show)
+
+    prepare_parser = commands.add_parser("prepare", help="train the tokenizer and pack MLM shards")
+    _add_common(prepare_parser)
+    prepare_parser.add_argument("--force", action="store_true", help="redo even if up to date")
+    prepare_parser.set_defaults(handler=command_prepare)
+
+    pretrain_parser = commands.add_parser("pretrain", help="teacher pretraining, Stage 1 or 2, on Ray Train")
+    _add_common(pretrain_parser)
+    pretrain_parser.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    pretrain_parser.set_defaults(handler=command_pretrain)
+
+    pipeline_parser = commands.add_parser("pipeline", help="every stage, skipping those already done")
+    _add_common(pipeline_parser)
+    pipeline_parser.set_defaults(handler=command_pipeline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.handler(args)
+    except (ConfigError, DataFormatError, FileNotFoundError) as error:
+        print(f"atm-ray: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

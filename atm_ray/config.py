@@ -1,0 +1,228 @@
+"""Typed configuration: YAML presets validated by pydantic, overridable as ``key.sub=value``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS = ("tiny", "cpu", "paper")
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote is wrong; the message names the key and the reason."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelShape(Strict):
+    """Shape of one pre-LayerNorm RoBERTa encoder."""
+
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    max_positions: int = Field(default=130, gt=2)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelShape":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        return self
+
+
+TextFormat = Literal["text", "conllu", "wikiann", "tatoeba", "slurp"]
+NluFormat = Literal["jointbert", "slurp", "massive", "xsid", "hwu64", "schuster"]
+
+
+class Source(Strict):
+    """One corpus file. ``path`` is local (relative to ``data.root``), ``bundled:<file>`` for the
+    slice shipped in the package, or a pyarrow filesystem URI such as ``s3://bucket/file``."""
+
+    format: TextFormat
+    path: str
+    lang: str | None = None
+    max_records: int | None = Field(default=None, gt=0)
+
+
+class CorpusConfig(Strict):
+    train: list[Source] = Field(min_length=1)
+    heldout: list[Source] = Field(default_factory=list)
+    # Used only when ``heldout`` is empty: this share of ``train`` is held out instead.
+    heldout_fraction: float = Field(default=0.02, ge=0.0, lt=0.5)
+    spoken_form: bool = False
+
+
+class DataConfig(Strict):
+    root: str = "../shared/data"
+    written: CorpusConfig
+    spoken: CorpusConfig
+    max_seq_len: int = Field(default=128, gt=4)
+    strict: bool = True
+    num_proc: int = Field(default=1, ge=1)
+    shard_rows: int = Field(default=4096, gt=0)
+
+
+class TokenizerConfig(Strict):
+    vocab_size: int = Field(gt=16)
+    max_sentence_length: int = Field(default=4096, gt=0)
+
+
+class EngineConfig(Strict):
+    """DeepSpeed engine settings for one stage."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    optimizer: Literal["torch_adamw", "fused_adam", "torch_fused_adamw"] = "torch_adamw"
+    micro_batch_size: int = Field(default=8, gt=0)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    learning_rate: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    gradient_clipping: float = Field(default=1.0, ge=0)
+
+
+class StageConfig(Strict):
+    steps: int = Field(gt=0)
+    eval_every: int = Field(default=50, gt=0)
+    eval_batches: int = Field(default=4, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+    # Share of each batch drawn from Stage-1 written data during Stage 2 (0 = none).
+    replay_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class ClusterConfig(Strict):
+    address: str | None = None
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    max_failures: int = Field(default=0, ge=-1)
+    num_to_keep: int = Field(default=2, gt=0)
+    storage_path: str | None = None
+
+
+class PretrainConfig(Strict):
+    model: str = "teacher"
+    mask_probability: float = Field(default=0.15, gt=0, lt=1)
+    stage1: StageConfig
+    stage2: StageConfig
+
+
+class Config(Strict):
+    name: str
+    seed: int = 0
+    run_dir: str = "runs/{name}"
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    models: dict[str, ModelShape]
+    pretrain: PretrainConfig
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _models_exist(self) -> "Config":
+        if self.pretrain.model not in self.models:
+            raise ValueError(
+                f"pretrain.model names {self.pretrain.model!r}, not one of models: {sorted(self.models)}"
+            )
+        return self
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir.format(name=self.name))
+
+    def section_hash(self, *keys: str) -> str:
+        """Stable hash of the named top-level sections, for stage manifests."""
+        dump = self.model_dump(mode="json")
+        picked = {key: dump[key] for key in keys}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<root>"
+        reason = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            reason = "unknown key"
+        lines.append(f"  {key}: {reason}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw_value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {key}: value {raw_value!r} is not valid YAML ({error})") from None
+    return key.split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node: Any = tree
+    for depth, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(path, depth, len(node))]
+            continue
+        if part not in node or not isinstance(node[part], (dict, list)):
+            if part in node:
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+            node[part] = {}
+        node = node[part]
+    if isinstance(node, list):
+        node[_list_index(path, len(path) - 1, len(node))] = value
+    else:
+        node[path[-1]] = value
+
+
+def _list_index(path: list[str], depth: int, length: int) -> int:
+    part = path[depth]
+    if not part.isdigit() or int(part) >= length:
+        raise ConfigError(
+            f"override {'.'.join(path)}: {part!r} is not an index of {'.'.join(path[:depth])} "
+            f"(a list of {length})"
+        )
+    return int(part)
+
+
+def load_preset_tree(preset: str) -> dict:
+    if preset in PRESETS:
+        text = resources.files("atm_ray.presets").joinpath(f"{preset}.yaml").read_text()
+    else:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"preset {preset!r} is neither one of {PRESETS} nor a YAML file")
+        text = path.read_text()
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"preset {preset}: not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"preset {preset}: top level must be a mapping")
+    return tree
+
+
+def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a preset by name (or a YAML path) and apply ``key.sub=value`` overrides."""
+    tree = load_preset_tree(preset)
+    for override in overrides:
+        apply_override(tree, *parse_override(override))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        origin = f"preset {preset}" + (f" with overrides {list(overrides)}" if overrides else "")
+        raise ConfigError(_format_validation_error(error, origin)) from None

@@ -1,0 +1,197 @@
+"""The prepare stage: read the corpora, train the tokenizer, pack MLM shards for each kind of text.
+
+Output, under ``<run_dir>/prepare``::
+
+    tokenizer/                      Hugging Face tokenizer (AutoTokenizer.from_pretrained)
+    shards/{written,spoken}/{train,heldout}/shard-00000.parquet
+    tokenizer_stats.json            unknown-token rate and sub-words per word, per language
+    manifest.json                   config hash, counts, read reports (written last)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from atm_ray.config import Config, CorpusConfig
+from atm_ray.data import files
+from atm_ray.data.readers import read_text_source, to_spoken_form
+from atm_ray.mlm import pack_batch, tokenize_batch
+from atm_ray.tokenizer import load_tokenizer, tokenizer_statistics, train_tokenizer
+from atm_ray.utils import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("written", "spoken")
+SPLITS = ("train", "heldout")
+SHARD_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("noun_mask", pa.list_(pa.int8()))])
+PREPARE_SECTIONS = ("seed", "data", "tokenizer")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Where the prepare stage left its outputs."""
+
+    root: Path
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def shard_dir(self, kind: str, split: str) -> Path:
+        return self.root / "shards" / kind / split
+
+    @property
+    def manifest(self) -> dict:
+        return read_json(self.root / "manifest.json")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+
+def read_corpus(corpus: CorpusConfig, root: str, strict: bool, seed: int) -> tuple[dict[str, list[dict]], list[str]]:
+    """Train and held-out records of one kind of text, and a line per file read."""
+    reports = []
+
+    def read_all(sources) -> list[dict]:
+        records = []
+        for source in sources:
+            location = files.resolve(source.path, root)
+            read, report = read_text_source(source.format, location, source.lang, strict, source.max_records)
+            reports.append(report.summary())
+            records.extend(read)
+        if corpus.spoken_form:
+            records = [normalised for normalised in map(to_spoken_form, records) if normalised is not None]
+        return records
+
+    train = read_all(corpus.train)
+    if corpus.heldout:
+        heldout = read_all(corpus.heldout)
+    else:
+        random.Random(seed).shuffle(train)
+        cut = max(1, int(len(train) * corpus.heldout_fraction))
+        heldout, train = train[:cut], train[cut:]
+    return {"train": train, "heldout": heldout}, reports
+
+
+def write_shards(table: pa.Table, directory: Path, rows_per_shard: int) -> int:
+    """Write ``table`` as numbered Parquet shards; each file appears only when complete."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    for index, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
+        final = directory / f"shard-{index:05d}.parquet"
+        partial = final.with_suffix(".parquet.partial")
+        pq.write_table(table.slice(start, rows_per_shard), partial)
+        partial.replace(final)
+    return table.num_rows
+
+
+def tokenize_and_pack(records: list[dict], tokenizer, seq_len: int, num_proc: int) -> pa.Table:
+    dataset = datasets.Dataset.from_list(records) if records else None
+    if dataset is None:
+        return SHARD_SCHEMA.empty_table()
+    dataset = dataset.map(
+        tokenize_batch,
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=dataset.column_names,
+        fn_kwargs={"tokenizer": tokenizer},
+        desc="tokenise",
+    )
+    dataset = dataset.map(
+        pack_batch,
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=dataset.column_names,
+        fn_kwargs={"seq_len": seq_len},
+        desc="pack",
+    )
+    return dataset.with_format("arrow")[:].cast(SHARD_SCHEMA)
+
+
+def prepare(config: Config, run_dir: Path | None = None, force: bool = False) -> PreparedData:
+    """Run the prepare stage, or return its outputs when a finished run with the same config exists."""
+    run_dir = Path(run_dir or config.resolved_run_dir())
+    output = PreparedData(run_dir / "prepare")
+    config_hash = config.section_hash(*PREPARE_SECTIONS)
+    manifest_path = output.root / "manifest.json"
+    if not force and manifest_path.is_file() and read_json(manifest_path).get("config_hash") == config_hash:
+        logger.info("prepare: up to date in %s", output.root)
+        return output
+    if manifest_path.exists():
+        manifest_path.unlink()
+    output.root.mkdir(parents=True, exist_ok=True)
+
+    data = config.data
+    corpora: dict[str, dict[str, list[dict]]] = {}
+    reports: list[str] = []
+    for kind in tqdm(KINDS, desc="prepare: read corpora"):
+        corpora[kind], kind_reports = read_corpus(getattr(data, kind), data.root, data.strict, config.seed)
+        reports += kind_reports
+    for line in reports:
+        logger.info("read %s", line)
+
+    training_text = [record["text"] for kind in KINDS for record in corpora[kind]["train"]]
+    logger.info("prepare: training a %d-piece tokenizer on %d texts", config.tokenizer.vocab_size, len(training_text))
+    tokenizer = train_tokenizer(training_text, config.tokenizer.vocab_size)
+    tokenizer.save_pretrained(str(output.tokenizer_dir))
+    tokenizer = load_tokenizer(output.tokenizer_dir)
+
+    statistics = {
+        kind: tokenizer_statistics(tokenizer, corpora[kind]["heldout"] + corpora[kind]["train"]) for kind in KINDS
+    }
+    atomic_write_json(output.root / "tokenizer_stats.json", statistics)
+
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for kind in KINDS:
+        counts[kind] = {}
+        for split in SPLITS:
+            records = corpora[kind][split]
+            table = tokenize_and_pack(records, tokenizer, data.max_seq_len, data.num_proc)
+            rows = write_shards(table, output.shard_dir(kind, split), data.shard_rows)
+            counts[kind][split] = {"records": len(records), "rows": rows}
+
+    atomic_write_json(
+        manifest_path,
+        {
+            "stage": "prepare",
+            "config_hash": config_hash,
+            "vocab_size": len(tokenizer),
+            "seq_len": data.max_seq_len,
+            "counts": counts,
+            "read": reports,
+        },
+    )
+    return output
+
+
+def format_summary(prepared: PreparedData) -> str:
+    manifest = prepared.manifest
+    lines = [f"prepared data in {prepared.root}", f"  tokenizer: {prepared.tokenizer_dir} ({manifest['vocab_size']} pieces)"]
+    for kind, splits in manifest["counts"].items():
+        for split, count in splits.items():
+            lines.append(
+                f"  {kind}/{split}: {count['records']} texts -> {count['rows']} rows of {manifest['seq_len']} "
+                f"in {prepared.shard_dir(kind, split)}"
+            )
+    statistics = json.loads((prepared.root / "tokenizer_stats.json").read_text())
+    lines.append("  tokenizer per language (unknown rate, sub-words per word):")
+    for kind, languages in statistics.items():
+        for lang, values in languages.items():
+            lines.append(
+                f"    {kind:8s} {lang:6s} {values['unknown_rate']:.4f}  {values['subwords_per_word']:.2f}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""A multilingual SentencePiece-style Unigram tokenizer trained with ``tokenizers`` on our corpora."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from atm_ray.modeling import BOS_ID, EOS_ID, SPECIAL_TOKENS
+
+
+def _covered_characters(texts: list[str], coverage: float, max_characters: int) -> set[str]:
+    counts = Counter(character for text in texts for character in text)
+    total = sum(counts.values())
+    kept: set[str] = set()
+    seen = 0
+    for character, count in counts.most_common(max_characters):
+        if seen >= coverage * total:
+            break
+        kept.add(character)
+        seen += count
+    return kept
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    character_coverage: float = 0.9995,
+    max_piece_length: int = 16,
+) -> PreTrainedTokenizerFast:
+    """Train a Unigram model over NFKC-normalised text split on whitespace (Metaspace, as SentencePiece).
+
+    As SentencePiece's ``character_coverage``, the rarest characters (beyond ``character_coverage`` of
+    all characters, and beyond half the vocabulary) are left out of training and become ``<unk>``.
+    """
+    normalizer = normalizers.NFKC()
+    texts = [normalizer.normalize_str(text) for text in texts]
+    alphabet = _covered_characters(texts, character_coverage, vocab_size // 2)
+    texts = ["".join(character for character in text if character in alphabet or character == " ") for text in texts]
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        unk_token="<unk>",
+        max_piece_length=max_piece_length,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    bos, eos = SPECIAL_TOKENS[BOS_ID], SPECIAL_TOKENS[EOS_ID]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} {eos} $B {eos}",
+        special_tokens=[(bos, BOS_ID), (eos, EOS_ID)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        model_max_length=100_000,
+    )
+
+
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    directory = Path(directory)
+    if not (directory / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{directory}: no tokenizer.json (run `atm-ray prepare` first)")
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def tokenizer_statistics(tokenizer: PreTrainedTokenizerFast, records: Iterable[dict]) -> dict[str, dict[str, float]]:
+    """Per language: unknown-token rate (share of sub-words that are <unk>) and sub-words per word.
+
+    Words are whitespace-separated, or the reader's word list for scripts written without spaces.
+    """
+    sub_words: dict[str, int] = defaultdict(int)
+    unknown: dict[str, int] = defaultdict(int)
+    words: dict[str, int] = defaultdict(int)
+    batch: list[dict] = []
+
+    def flush() -> None:
+        encoded = tokenizer([record["text"] for record in batch], add_special_tokens=False)["input_ids"]
+        for record, ids in zip(batch, encoded):
+            lang = record["lang"]
+            sub_words[lang] += len(ids)
+            unknown[lang] += sum(1 for token_id in ids if token_id == tokenizer.unk_token_id)
+            words[lang] += len(record["words"]) if record.get("words") else len(record["text"].split())
+        batch.clear()
+
+    for record in records:
+        batch.append(record)
+        if len(batch) == 1024:
+            flush()
+    if batch:
+        flush()
+    return {
+        lang: {
+            "unknown_rate": unknown[lang] / max(sub_words[lang], 1),
+            "subwords_per_word": sub_words[lang] / max(words[lang], 1),
+            "words": words[lang],
+        }
+        for lang in sorted(words)
+    }
