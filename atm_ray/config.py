@@ -82,7 +82,8 @@ class EngineConfig(Strict):
     """DeepSpeed engine settings for one stage."""
 
     zero_stage: Literal[0, 1, 2, 3] = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # autocast_bf16: fp32 weights and optimizer, bf16 matmuls via torch.autocast (DeepSpeed torch_autocast)
+    precision: Literal["fp32", "bf16", "fp16", "autocast_bf16"] = "fp32"
     optimizer: Literal["torch_adamw", "fused_adam", "torch_fused_adamw"] = "torch_adamw"
     micro_batch_size: int = Field(default=8, gt=0)
     gradient_accumulation_steps: int = Field(default=1, gt=0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
@@ -124,10 +122,8 @@ class MaskingCollator:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        input_ids = torch.as_tensor(np.asarray(batch["input_ids"]), dtype=torch.long)
-        candidates = None
-        if self.mode == "noun":
-            candidates = torch.as_tensor(np.asarray(batch["noun_mask"]), dtype=torch.long)
+        input_ids = _as_matrix(batch["input_ids"])
+        candidates = _as_matrix(batch["noun_mask"]) if self.mode == "noun" else None
         corrupted, labels = mask_tokens(
             input_ids,
             self.vocab_size,
@@ -139,8 +135,9 @@ class MaskingCollator:
         return {"input_ids": corrupted, "attention_mask": (input_ids != PAD_ID).long(), "labels": labels}
 
 
-def iterate_rows(table_columns: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-size batches over in-memory columns (the last, smaller batch included)."""
-    total = len(table_columns["input_ids"])
-    for start in range(0, total, batch_size):
-        yield {name: column[start : start + batch_size] for name, column in table_columns.items()}
+def _as_matrix(column) -> torch.Tensor:
+    """Rows of equal length as a 2-D tensor (Ray Data hands list columns over as arrays of arrays)."""
+    array = np.asarray(column)
+    if array.dtype == object:
+        array = np.stack(list(array))
+    return torch.tensor(array, dtype=torch.long)

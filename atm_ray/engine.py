@@ -1,0 +1,395 @@
+"""The DeepSpeed engine loop for masked-LM training. No Ray import: Ray Train only drives it.
+
+``MlmTrainer`` wraps ``deepspeed.initialize`` (ZeRO 0-3, fp32 / bf16 / fp16 / bf16 autocast, gradient
+accumulation, clipping, warm-up then linear decay), the train step, held-out evaluation, checkpoints
+(model, optimizer, scheduler, RNG, data position) and the ``save_pretrained`` export.
+``run_training`` is the loop itself; it calls ``report(metrics, checkpoint_dir)`` at each interval,
+which Ray Train's driver turns into ``ray.train.report`` and the single-process runner into files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from atm_ray.config import EngineConfig
+from atm_ray.mlm import IGNORE_INDEX, MaskingCollator
+from atm_ray.modeling import PAD_ID
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "state"
+EXPORT_DIR = "export"
+HISTORY_FILE = "history.json"
+
+
+def _configure_deepspeed_environment() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def deepspeed_config(engine: EngineConfig, world_size: int) -> dict:
+    config: dict = {
+        "train_micro_batch_size_per_gpu": engine.micro_batch_size,
+        "gradient_accumulation_steps": engine.gradient_accumulation_steps,
+        "train_batch_size": engine.micro_batch_size * engine.gradient_accumulation_steps * world_size,
+        "gradient_clipping": engine.gradient_clipping,
+        "zero_optimization": {"stage": engine.zero_stage},
+        # our AdamW objects are torch's own, which DeepSpeed has not listed as tested with ZeRO
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if engine.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif engine.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    elif engine.precision == "autocast_bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if engine.optimizer == "fused_adam":
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": engine.learning_rate, "weight_decay": engine.weight_decay, "betas": [0.9, 0.98], "eps": 1e-6},
+        }
+    return config
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def parameter_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of a model's weights (to check one stage really starts from another)."""
+    with torch.no_grad():
+        return float(sum(parameter.detach().double().abs().sum().item() for parameter in model.parameters()))
+
+
+class MlmTrainer:
+    """A masked-LM model inside a DeepSpeed engine."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        engine_config: EngineConfig,
+        total_steps: int,
+        vocab_size: int,
+        mask_probability: float = 0.15,
+        seed: int = 0,
+    ):
+        _configure_deepspeed_environment()
+        import deepspeed
+
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.engine_config = engine_config
+        self.total_steps = total_steps
+        self.vocab_size = vocab_size
+        config = deepspeed_config(engine_config, self.world_size)
+        optimizer = None
+        if engine_config.optimizer != "fused_adam":
+            optimizer = torch.optim.AdamW(
+                parameter_groups(model, engine_config.weight_decay),
+                lr=engine_config.learning_rate,
+                betas=(0.9, 0.98),
+                eps=1e-6,
+                fused=engine_config.optimizer == "torch_fused_adamw",
+            )
+        schedule = warmup_linear_decay(engine_config.warmup_steps, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=None if optimizer else model.parameters(),
+            optimizer=optimizer,
+            lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule),
+            config=config,
+            dist_init_required=False,
+        )
+        self.device = self.engine.device
+        self.step = 0
+        self.history: list[dict] = []
+        self.collator = MaskingCollator(vocab_size, mask_probability, "random", seed=seed * 1000 + self.rank)
+        self.mask_probability = mask_probability
+        self.seed = seed
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, int]:
+        """One optimiser step over ``gradient_accumulation_steps`` micro-batches of packed rows.
+
+        Returns this rank's mean loss and the number of real (non-pad) tokens it processed.
+        """
+        self.engine.train()
+        losses, tokens = [], 0
+        for rows in micro_batches:
+            batch = {name: tensor.to(self.device) for name, tensor in self.collator(rows).items()}
+            loss = self.engine(**batch).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+        self.step += 1
+        return sum(losses) / len(losses), tokens
+
+    @property
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def all_reduce_mean(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return (tensor / self.world_size).tolist()
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, heldout: dict[str, np.ndarray], batches: int, batch_size: int) -> dict[str, float]:
+        """Masked-token loss, perplexity and top-1 mask filling on fixed masks, plus noun mask filling.
+
+        Every rank runs the same batches (ZeRO-3 needs every rank in each forward).
+        """
+        self.engine.eval()
+        metrics: dict[str, float] = {}
+        for mode in ("eval", "noun"):
+            collator = MaskingCollator(self.vocab_size, self.mask_probability, mode, seed=self.seed + 12345)
+            loss_sum, correct, count = 0.0, 0, 0
+            rows = heldout["input_ids"]
+            for start in range(0, min(len(rows), batches * batch_size), batch_size):
+                batch = collator({name: column[start : start + batch_size] for name, column in heldout.items()})
+                batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+                logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                chosen = batch["labels"] != IGNORE_INDEX
+                chosen_logits = logits[chosen].float()
+                targets = batch["labels"][chosen]
+                loss_sum += torch.nn.functional.cross_entropy(chosen_logits, targets, reduction="sum").item()
+                correct += int((chosen_logits.argmax(-1) == targets).sum())
+                count += int(chosen.sum())
+            if mode == "eval":
+                loss = loss_sum / max(count, 1)
+                metrics["mlm_loss"] = loss
+                metrics["perplexity"] = math.exp(min(loss, 50.0))
+                metrics["mask_fill_accuracy"] = correct / max(count, 1)
+            else:
+                metrics["noun_mask_fill_accuracy"] = correct / count if count else float("nan")
+                metrics["noun_masked_tokens"] = count
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def save_checkpoint(self, directory: str | Path, data_position: int) -> None:
+        """Collective: every rank writes its ZeRO shards and its RNG state into ``directory``."""
+        directory = Path(directory)
+        client_state = {"step": self.step, "history": self.history, "data_position": data_position}
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
+        torch.save(
+            {"torch": torch.get_rng_state(), "collator": self.collator.generator.get_state()},
+            directory / f"rng_rank{self.rank}.pt",
+        )
+        if self.rank == 0:
+            (directory / HISTORY_FILE).write_text(json.dumps(self.history, indent=1))
+
+    def load_checkpoint(self, directory: str | Path) -> int:
+        """Restore everything ``save_checkpoint`` wrote; returns the data position to continue from."""
+        directory = Path(directory)
+        _, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        if client_state is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
+        self.step = client_state["step"]
+        self.history = client_state["history"]
+        rng_file = directory / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            states = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(states["torch"])
+            self.collator.generator.set_state(states["collator"])
+        return client_state["data_position"]
+
+    def export(self, directory: str | Path, tokenizer=None) -> None:
+        """Collective under ZeRO-3; rank 0 writes ``save_pretrained`` (safetensors) and the tokenizer."""
+        import deepspeed
+
+        model = self.engine.module
+        gathered = (
+            deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+            if self.engine_config.zero_stage == 3
+            else contextlib.nullcontext()
+        )
+        with gathered:
+            if self.rank == 0:
+                model.save_pretrained(str(directory), safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(directory))
+
+
+# ---------------------------------------------------------------------- data
+
+
+class RowSource:
+    """Packed rows in memory, iterated in a reproducible order: each epoch is a seeded permutation,
+    split across ranks by stride, cut into fixed-size batches (the ragged end dropped)."""
+
+    def __init__(self, columns: dict[str, np.ndarray], batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.columns, self.batch_size = columns, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        if len(columns["input_ids"]) // world_size < batch_size:
+            raise ValueError(
+                f"{len(columns['input_ids'])} rows cannot give each of {world_size} ranks a batch of {batch_size}"
+            )
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.columns["input_ids"]))
+        mine = order[self.rank :: self.world_size]
+        for start in range(0, len(mine) - self.batch_size + 1, self.batch_size):
+            index = mine[start : start + self.batch_size]
+            yield {name: column[index] for name, column in self.columns.items()}
+
+
+def read_rows(directory: str | Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(str(directory))
+    return {name: np.asarray(table[name].to_pylist(), dtype=np.int64) for name in table.column_names}
+
+
+def endless(source, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches from ``source.epoch(0)``, ``epoch(1)``, ... forever, after skipping ``skip`` of them."""
+    epoch, position = 0, 0
+    while True:
+        produced = False
+        for batch in source.epoch(epoch):
+            produced = True
+            if position >= skip:
+                yield batch
+            position += 1
+        if not produced:
+            raise ValueError("the training data gives no full batch")
+        epoch += 1
+
+
+def mixed(primary: Iterator[dict], replay: Iterator[dict] | None) -> Iterator[dict]:
+    """Concatenate each primary batch with a replay batch (Stage-2 replay of Stage-1 data)."""
+    for batch in primary:
+        if replay is None:
+            yield batch
+        else:
+            extra = next(replay)
+            yield {name: np.concatenate([batch[name], extra[name]]) for name in batch}
+
+
+def split_batch_size(micro_batch_size: int, replay_fraction: float) -> tuple[int, int]:
+    replay = int(round(micro_batch_size * replay_fraction))
+    if replay_fraction > 0 and replay == 0:
+        replay = 1
+    if replay >= micro_batch_size:
+        raise ValueError(f"replay_fraction {replay_fraction} leaves no room in a batch of {micro_batch_size}")
+    return micro_batch_size - replay, replay
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    eval_batch_size: int = 32
+    # Testing hook: rank ``fail_rank`` exits abruptly at this step, once (see tests/test_pretrain.py).
+    fail_at_step: int | None = None
+    fail_rank: int = 0
+    fail_marker: str | None = None
+    extra_metrics: dict = field(default_factory=dict)
+
+
+def run_training(
+    trainer: MlmTrainer,
+    batches: Iterator[dict],
+    heldout: dict[str, dict[str, np.ndarray]],
+    settings: LoopSettings,
+    report: Callable[[dict, str | None], None],
+    checkpoint_dir: Callable[[], str],
+    tokenizer=None,
+) -> dict:
+    """Train from ``trainer.step`` to ``settings.steps``; evaluate, checkpoint and report on intervals.
+
+    ``batches`` must already be positioned at the trainer's data position (see ``endless(skip=...)``).
+    ``checkpoint_dir()`` gives an empty folder for the next checkpoint; the last one also holds the
+    ``save_pretrained`` export under ``export/`` and the metrics history.
+    """
+    accumulation = trainer.engine_config.gradient_accumulation_steps
+    window_losses: list[float] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    metrics: dict = {}
+    while trainer.step < settings.steps:
+        micro_batches = [next(batches) for _ in range(accumulation)]
+        loss, tokens = trainer.train_step(micro_batches)
+        window_losses.append(loss)
+        window_tokens += tokens
+        step = trainer.step
+        if settings.fail_at_step == step and trainer.rank == settings.fail_rank:
+            _fail_once(settings.fail_marker)
+        at_eval = step % settings.eval_every == 0 or step == settings.steps
+        at_checkpoint = step % settings.checkpoint_every == 0 or step == settings.steps
+        if not (at_eval or at_checkpoint):
+            continue
+        elapsed = time.perf_counter() - window_start
+        train_loss, tokens_per_second = trainer.all_reduce_mean(
+            [sum(window_losses) / len(window_losses), window_tokens / max(elapsed, 1e-9)]
+        )
+        metrics = {
+            "step": step,
+            "train_loss": train_loss,
+            "learning_rate": trainer.learning_rate,
+            "tokens_per_second": tokens_per_second * trainer.world_size,
+            **settings.extra_metrics,
+        }
+        if at_eval:
+            for kind, rows in heldout.items():
+                for name, value in trainer.evaluate(rows, settings.eval_batches, settings.eval_batch_size).items():
+                    metrics[f"{kind}/{name}"] = value
+            trainer.history.append(metrics)
+        directory = None
+        if at_checkpoint:
+            directory = checkpoint_dir()
+            trainer.save_checkpoint(directory, data_position=step * accumulation)
+            if step == settings.steps:
+                trainer.export(Path(directory) / EXPORT_DIR, tokenizer)
+        report(metrics, directory)
+        window_losses, window_tokens, window_start = [], 0, time.perf_counter()
+    return metrics
+
+
+def _fail_once(marker: str | None) -> None:
+    if marker and Path(marker).exists():
+        return
+    if marker:
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(marker).write_text("failed once\n")
+    # Ray Train V2 may drop a checkpoint reported less than one poll interval before a crash.
+    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) * 3)
+    logger.warning("fault injection: exiting at step as asked")
+    os._exit(1)

@@ -1,0 +1,418 @@
+"""Teacher pretraining, Stage 1 (written text) and Stage 2 (spoken in-domain text, from Stage 1).
+
+Two runners share the engine loop of ``atm_ray.engine``:
+
+- ``run_pretrain_stage``: Ray Train's ``TorchTrainer`` drives one engine per worker; data comes
+  through Ray Data (``read_parquet`` -> one split per worker -> masking collator in the worker);
+  checkpoints hold every rank's ZeRO shards; failed workers restart from the last checkpoint.
+- ``run_pretrain_stage_local``: the same loop in this process, no Ray (GPU checks, benchmarks).
+
+Outputs under ``<run_dir>/teacher_stage{1,2}``: ``export/`` (``save_pretrained`` + tokenizer),
+``metrics.json`` (one entry per evaluation), ``metrics.jsonl`` (live, local runs), ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atm_ray.config import Config, StageConfig
+from atm_ray.engine import (
+    EXPORT_DIR,
+    HISTORY_FILE,
+    LoopSettings,
+    MlmTrainer,
+    RowSource,
+    endless,
+    mixed,
+    parameter_checksum,
+    read_rows,
+    run_training,
+    split_batch_size,
+)
+from atm_ray.modeling import build_masked_lm
+from atm_ray.prepare import PreparedData, prepare
+from atm_ray.tokenizer import load_tokenizer
+from atm_ray.utils import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+FAIL_AT_STEP_ENV = "ATM_RAY_FAIL_AT_STEP"  # testing hook: "<step>" or "<step>:<rank>"
+
+
+@dataclass
+class StagePlan:
+    """Everything a worker needs to run one pretraining stage, in plain values."""
+
+    stage: int
+    stage_dir: str
+    config_hash: str
+    train_dir: str
+    replay_dir: str | None
+    heldout_dirs: dict[str, str]
+    init_from: str | None
+    vocab_size: int
+
+
+@dataclass
+class StageResult:
+    stage_dir: Path
+    export_dir: Path
+    metrics: dict
+    skipped: bool = False
+
+    def summary(self) -> str:
+        state = "up to date" if self.skipped else "finished"
+        lines = [f"teacher stage {self.stage_dir.name[-1]} {state}: export in {self.export_dir}"]
+        for key in sorted(self.metrics):
+            if "/" in key or key in ("train_loss", "step", "tokens_per_second"):
+                value = self.metrics[key]
+                lines.append(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        return "\n".join(lines)
+
+
+def stage_config(config: Config, stage: int) -> StageConfig:
+    return config.pretrain.stage1 if stage == 1 else config.pretrain.stage2
+
+
+def plan_stage(config: Config, stage: int, prepared: PreparedData, run_dir: Path) -> StagePlan:
+    stage_dir = run_dir / f"teacher_stage{stage}"
+    sections = {
+        "prepare": prepared.manifest["config_hash"],
+        "model": config.models[config.pretrain.model].model_dump(),
+        "pretrain": stage_config(config, stage).model_dump(),
+        "mask_probability": config.pretrain.mask_probability,
+        "seed": config.seed,
+        "workers": config.cluster.num_workers,
+    }
+    init_from = None
+    if stage == 2:
+        upstream = run_dir / "teacher_stage1"
+        if not (upstream / "manifest.json").is_file():
+            raise FileNotFoundError(f"{upstream}: Stage 1 has not finished; run `atm-ray pretrain --stage 1` first")
+        sections["upstream"] = read_json(upstream / "manifest.json")["config_hash"]
+        init_from = str(upstream / EXPORT_DIR)
+    config_hash = _hash(sections)
+    stage2_replay = stage == 2 and config.pretrain.stage2.replay_fraction > 0
+    return StagePlan(
+        stage=stage,
+        stage_dir=str(stage_dir.resolve()),
+        config_hash=config_hash,
+        train_dir=str(prepared.shard_dir("written" if stage == 1 else "spoken", "train").resolve()),
+        replay_dir=str(prepared.shard_dir("written", "train").resolve()) if stage2_replay else None,
+        heldout_dirs={kind: str(prepared.shard_dir(kind, "heldout").resolve()) for kind in ("written", "spoken")},
+        init_from=init_from,
+        vocab_size=prepared.vocab_size,
+    )
+
+
+def _hash(sections: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finished(plan: StagePlan) -> StageResult | None:
+    stage_dir = Path(plan.stage_dir)
+    manifest = stage_dir / "manifest.json"
+    if manifest.is_file() and read_json(manifest).get("config_hash") == plan.config_hash:
+        return StageResult(stage_dir, stage_dir / EXPORT_DIR, read_json(manifest).get("metrics", {}), skipped=True)
+    return None
+
+
+def build_stage_model(config: Config, plan: StagePlan) -> torch.nn.Module:
+    if plan.init_from:
+        from transformers import AutoModelForMaskedLM
+
+        return AutoModelForMaskedLM.from_pretrained(plan.init_from)
+    return build_masked_lm(config.models[config.pretrain.model], plan.vocab_size, seed=config.seed)
+
+
+def heldout_rows(plan: StagePlan, stage: StageConfig, eval_batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    limit = stage.eval_batches * eval_batch_size
+    rows = {}
+    for kind, directory in plan.heldout_dirs.items():
+        columns = read_rows(directory)
+        rows[kind] = {name: column[:limit] for name, column in columns.items()}
+    return rows
+
+
+def _fail_settings(stage_dir: str) -> dict:
+    value = os.environ.get(FAIL_AT_STEP_ENV)
+    if not value:
+        return {}
+    step, _, rank = value.partition(":")
+    return {"fail_at_step": int(step), "fail_rank": int(rank or 0), "fail_marker": str(Path(stage_dir) / "fault-injected")}
+
+
+def loop_settings(config: Config, plan: StagePlan, initial_checksum: float) -> LoopSettings:
+    stage = stage_config(config, plan.stage)
+    return LoopSettings(
+        steps=stage.steps,
+        eval_every=stage.eval_every,
+        eval_batches=stage.eval_batches,
+        checkpoint_every=stage.checkpoint_every,
+        extra_metrics={"initial_weights_checksum": initial_checksum},
+        **_fail_settings(plan.stage_dir),
+    )
+
+
+def _append_metrics_log(stage_dir: str, metrics: dict) -> None:
+    """Live metrics for people watching a run (best effort: the folder may be on another node)."""
+    if os.path.isdir(stage_dir) and "written/mlm_loss" in metrics:
+        with open(os.path.join(stage_dir, "metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+
+# ---------------------------------------------------------------------- Ray Train
+
+
+class RayShardSource:
+    """One worker's split of a Ray Dataset, reshuffled each epoch with a seeded local shuffle."""
+
+    def __init__(self, shard, batch_size: int, seed: int):
+        self.shard, self.batch_size, self.seed = shard, batch_size, seed
+
+    def epoch(self, epoch: int):
+        yield from self.shard.iter_batches(
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=4 * self.batch_size,
+            local_shuffle_seed=self.seed + epoch,
+        )
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker function: build the engine, resume if asked, run the loop."""
+    import ray.train
+
+    config = Config.model_validate(loop_config["config"])
+    plan = StagePlan(**loop_config["plan"])
+    stage = stage_config(config, plan.stage)
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(config.seed)
+    model = build_stage_model(config, plan)
+    initial_checksum = parameter_checksum(model)
+    trainer = MlmTrainer(model, stage.engine, stage.steps, plan.vocab_size, config.pretrain.mask_probability, config.seed)
+
+    position = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            position = trainer.load_checkpoint(directory)
+        logger.info("rank %d resumed at step %d", rank, trainer.step)
+
+    primary_size, replay_size = split_batch_size(stage.engine.micro_batch_size, stage.replay_fraction)
+    batches = endless(RayShardSource(loop_config["train_shards"][rank], primary_size, config.seed), position)
+    replay = None
+    if loop_config.get("replay_shards"):
+        replay = endless(RayShardSource(loop_config["replay_shards"][rank], replay_size, config.seed + 1), position)
+    settings = loop_settings(config, plan, initial_checksum)
+
+    def report(metrics: dict, directory: str | None) -> None:
+        if rank == 0:
+            _append_metrics_log(plan.stage_dir, metrics)
+        saved = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=saved)
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    run_training(
+        trainer,
+        mixed(batches, replay),
+        loop_config["heldout"],
+        settings,
+        report,
+        checkpoint_dir=lambda: tempfile.mkdtemp(prefix="atm-ray-checkpoint-"),
+    )
+    torch.distributed.barrier()
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join ``address`` (or the cluster of a submitted job), else start a local Ray for this program."""
+    import ray
+
+    environment = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray Train V2 waits for the controller's poll on every report; poll often.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if not torch.cuda.is_available():
+        environment["DS_ACCELERATOR"] = "cpu"
+    os.environ.update(environment)
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": environment}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
+
+
+def run_pretrain_stage(config: Config, stage: int, run_dir: Path | None = None) -> StageResult:
+    """Run (or resume, or skip when finished) one teacher pretraining stage under Ray Train."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(run_dir or config.resolved_run_dir())
+    prepared = prepare(config, run_dir)
+    plan = plan_stage(config, stage, prepared, run_dir)
+    done = _finished(plan)
+    if done:
+        logger.info("teacher stage %d: up to date in %s", stage, plan.stage_dir)
+        return done
+    stage_dir = Path(plan.stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_settings = stage_config(config, stage)
+    cluster = config.cluster
+    init_ray(cluster.address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    workers = cluster.num_workers
+    train_shards = ray.data.read_parquet(plan.train_dir).split(workers, equal=True)
+    replay_shards = ray.data.read_parquet(plan.replay_dir).split(workers, equal=True) if plan.replay_dir else None
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker or 1
+    storage_path = cluster.storage_path or str(stage_dir / "ray")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "plan": asdict(plan),
+            "train_shards": train_shards,
+            "replay_shards": replay_shards,
+            "heldout": heldout_rows(plan, stage_settings, LoopSettings.eval_batch_size),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            # the hash in the name: a changed config starts afresh, the same one resumes
+            name=f"{config.name}-teacher_stage{stage}-{plan.config_hash}",
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
+        ),
+    )
+    logger.info("teacher stage %d: %d workers, %d steps, run folder %s", stage, workers, stage_settings.steps, stage_dir)
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        return _finish_stage(config, plan, prepared, Path(directory), result.checkpoint.path)
+
+
+def _finish_stage(config: Config, plan: StagePlan, prepared: PreparedData, final_checkpoint: Path, checkpoint_uri: str) -> StageResult:
+    """Copy the export out of the final checkpoint, add the tokenizer, write metrics and the manifest."""
+    stage_dir = Path(plan.stage_dir)
+    export_dir = stage_dir / EXPORT_DIR
+    partial = stage_dir / f".{EXPORT_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(final_checkpoint / EXPORT_DIR, partial)
+    load_tokenizer(prepared.tokenizer_dir).save_pretrained(str(partial))
+    shutil.rmtree(export_dir, ignore_errors=True)
+    partial.replace(export_dir)
+    history = json.loads((final_checkpoint / HISTORY_FILE).read_text())
+    atomic_write_json(stage_dir / "metrics.json", history)
+    metrics = history[-1] if history else {}
+    atomic_write_json(
+        stage_dir / "manifest.json",
+        {
+            "stage": f"teacher_stage{plan.stage}",
+            "config_hash": plan.config_hash,
+            "inputs": {"train": plan.train_dir, "replay": plan.replay_dir, "init_from": plan.init_from},
+            "outputs": {"export": str(export_dir), "checkpoint": checkpoint_uri},
+            "metrics": metrics,
+        },
+    )
+    return StageResult(stage_dir, export_dir, metrics)
+
+
+# ---------------------------------------------------------------------- without Ray
+
+
+def _init_single_process_group() -> None:
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def run_pretrain_stage_local(config: Config, stage: int, run_dir: Path | None = None) -> StageResult:
+    """The same stage in this process, without Ray (one rank, or each rank of a ``torchrun``)."""
+    run_dir = Path(run_dir or config.resolved_run_dir())
+    prepared = prepare(config, run_dir)
+    plan = plan_stage(config, stage, prepared, run_dir)
+    done = _finished(plan)
+    if done:
+        return done
+    stage_settings = stage_config(config, stage)
+    stage_dir = Path(plan.stage_dir)
+    checkpoints = stage_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    _init_single_process_group()
+    torch.manual_seed(config.seed)
+    model = build_stage_model(config, plan)
+    initial_checksum = parameter_checksum(model)
+    trainer = MlmTrainer(
+        model, stage_settings.engine, stage_settings.steps, plan.vocab_size, config.pretrain.mask_probability, config.seed
+    )
+    position = 0
+    latest = sorted(checkpoints.glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
+    if latest:
+        position = trainer.load_checkpoint(latest[-1])
+    rank, world = trainer.rank, trainer.world_size
+    primary_size, replay_size = split_batch_size(stage_settings.engine.micro_batch_size, stage_settings.replay_fraction)
+    batches = endless(RowSource(read_rows(plan.train_dir), primary_size, rank, world, config.seed), position)
+    replay = None
+    if plan.replay_dir:
+        replay = endless(RowSource(read_rows(plan.replay_dir), replay_size, rank, world, config.seed + 1), position)
+
+    def checkpoint_dir() -> str:
+        directory = checkpoints / f".partial-step-{trainer.step}"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir()
+        return str(directory)
+
+    def report(metrics: dict, directory: str | None) -> None:
+        if rank == 0:
+            _append_metrics_log(plan.stage_dir, metrics)
+        if directory and rank == 0:
+            final = checkpoints / f"step-{trainer.step}"
+            shutil.rmtree(final, ignore_errors=True)
+            Path(directory).replace(final)
+            kept = sorted(checkpoints.glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
+            for old in kept[: -config.cluster.num_to_keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    run_training(
+        trainer,
+        mixed(batches, replay),
+        heldout_rows(plan, stage_settings, LoopSettings.eval_batch_size),
+        loop_settings(config, plan, initial_checksum),
+        report,
+        checkpoint_dir,
+    )
+    final = sorted(checkpoints.glob("step-*"), key=lambda path: int(path.name.split("-")[1]))[-1]
+    return _finish_stage(config, plan, prepared, final, str(final))
