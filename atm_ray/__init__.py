@@ -1,0 +1,8 @@
+"""atm-ray: the Alexa Teacher Model recipe (pretrain, distil, fine-tune, serve) on Ray and DeepSpeed."""
+
+import os
+
+# Nothing is downloaded from a model hub: tokenizers are trained here and models built from config.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+__version__ = "0.1.0"

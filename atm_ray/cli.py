@@ -55,10 +55,10 @@ def command_prepare(args) -> None:
 
 
 def command_pretrain(args) -> None:
-    from atm_ray.pretrain import run_pretrain_stage
+    from atm_ray.pretrain import run_pretrain_stage, run_pretrain_stage_local
 
-    result = run_pretrain_stage(_config(args), stage=args.stage)
-    print(result.summary())
+    runner = run_pretrain_stage_local if args.no_ray else run_pretrain_stage
+    print(runner(_config(args), stage=args.stage).summary())
 
 
 def command_pipeline(args) -> None:
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_parser = commands.add_parser("pretrain", help="teacher pretraining, Stage 1 or 2, on Ray Train")
     _add_common(pretrain_parser)
     pretrain_parser.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    pretrain_parser.add_argument(
+        "--no-ray", action="store_true", help="run the engine loop in this process (or under torchrun), without Ray"
+    )
     pretrain_parser.set_defaults(handler=command_pretrain)
 
     pipeline_parser = commands.add_parser("pipeline", help="every stage, skipping those already done")

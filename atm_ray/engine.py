@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_TAG = "state"
 EXPORT_DIR = "export"
 HISTORY_FILE = "history.json"
+FAULT_EXIT_CODE = 17  # what an injected fault exits with (testing hook)
 
 
 def _configure_deepspeed_environment() -> None:
@@ -165,6 +166,19 @@ class MlmTrainer:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(tensor)
         return (tensor / self.world_size).tolist()
+
+    def replica_divergence(self) -> float:
+        """Largest difference between the ranks' weight fingerprints: 0 when data parallelism is sound.
+
+        Under ZeRO-3 each rank holds only a partition, so there is nothing to compare (NaN).
+        """
+        if self.engine_config.zero_stage == 3:
+            return float("nan")
+        checksum = torch.tensor([parameter_checksum(self.engine.module)], dtype=torch.float64, device=self.device)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.world_size)]
+        torch.distributed.all_gather(gathered, checksum)
+        values = [value.item() for value in gathered]
+        return max(values) - min(values)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -368,6 +382,7 @@ def run_training(
             **settings.extra_metrics,
         }
         if at_eval:
+            metrics["replica_divergence"] = trainer.replica_divergence()
             for kind, rows in heldout.items():
                 for name, value in trainer.evaluate(rows, settings.eval_batches, settings.eval_batch_size).items():
                     metrics[f"{kind}/{name}"] = value
@@ -392,4 +407,4 @@ def _fail_once(marker: str | None) -> None:
     # Ray Train V2 may drop a checkpoint reported less than one poll interval before a crash.
     time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) * 3)
     logger.warning("fault injection: exiting at step as asked")
-    os._exit(1)
+    os._exit(FAULT_EXIT_CODE)

@@ -99,7 +99,7 @@ def plan_stage(config: Config, stage: int, prepared: PreparedData, run_dir: Path
         if not (upstream / "manifest.json").is_file():
             raise FileNotFoundError(f"{upstream}: Stage 1 has not finished; run `atm-ray pretrain --stage 1` first")
         sections["upstream"] = read_json(upstream / "manifest.json")["config_hash"]
-        init_from = str(upstream / EXPORT_DIR)
+        init_from = str((upstream / EXPORT_DIR).resolve())
     config_hash = _hash(sections)
     stage2_replay = stage == 2 and config.pretrain.stage2.replay_fraction > 0
     return StagePlan(
@@ -153,7 +153,7 @@ def _fail_settings(stage_dir: str) -> dict:
     return {"fail_at_step": int(step), "fail_rank": int(rank or 0), "fail_marker": str(Path(stage_dir) / "fault-injected")}
 
 
-def loop_settings(config: Config, plan: StagePlan, initial_checksum: float) -> LoopSettings:
+def loop_settings(config: Config, plan: StagePlan, initial_checksum: float, fail: dict) -> LoopSettings:
     stage = stage_config(config, plan.stage)
     return LoopSettings(
         steps=stage.steps,
@@ -161,7 +161,7 @@ def loop_settings(config: Config, plan: StagePlan, initial_checksum: float) -> L
         eval_batches=stage.eval_batches,
         checkpoint_every=stage.checkpoint_every,
         extra_metrics={"initial_weights_checksum": initial_checksum},
-        **_fail_settings(plan.stage_dir),
+        **fail,
     )
 
 
@@ -199,6 +199,7 @@ def train_worker(loop_config: dict) -> None:
     plan = StagePlan(**loop_config["plan"])
     stage = stage_config(config, plan.stage)
     rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
     torch.manual_seed(config.seed)
     model = build_stage_model(config, plan)
     initial_checksum = parameter_checksum(model)
@@ -216,7 +217,7 @@ def train_worker(loop_config: dict) -> None:
     replay = None
     if loop_config.get("replay_shards"):
         replay = endless(RayShardSource(loop_config["replay_shards"][rank], replay_size, config.seed + 1), position)
-    settings = loop_settings(config, plan, initial_checksum)
+    settings = loop_settings(config, plan, initial_checksum, loop_config["fail"])
 
     def report(metrics: dict, directory: str | None) -> None:
         if rank == 0:
@@ -246,6 +247,8 @@ def init_ray(address: str | None = None) -> None:
         # Ray Train V2 waits for the controller's poll on every report; poll often.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
         "TOKENIZERS_PARALLELISM": "false",
+        # models are built from config and loaded from local folders, never fetched from a hub
+        "HF_HUB_OFFLINE": "1",
     }
     if not torch.cuda.is_available():
         environment["DS_ACCELERATOR"] = "cpu"
@@ -294,6 +297,7 @@ def run_pretrain_stage(config: Config, stage: int, run_dir: Path | None = None) 
             "train_shards": train_shards,
             "replay_shards": replay_shards,
             "heldout": heldout_rows(plan, stage_settings, LoopSettings.eval_batch_size),
+            "fail": _fail_settings(plan.stage_dir),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
@@ -410,7 +414,7 @@ def run_pretrain_stage_local(config: Config, stage: int, run_dir: Path | None = 
         trainer,
         mixed(batches, replay),
         heldout_rows(plan, stage_settings, LoopSettings.eval_batch_size),
-        loop_settings(config, plan, initial_checksum),
+        loop_settings(config, plan, initial_checksum, _fail_settings(plan.stage_dir)),
         report,
         checkpoint_dir,
     )

@@ -407,15 +407,17 @@ def read_xsid(location: str, lang: str, source: str) -> Iterator[dict | BadRecor
     bad: BadRecord | None = None
     start = 1
     for line_number, line in enumerate(files.read_text(location).splitlines() + [""], start=1):
-        if not line.strip():
+        # a blank line ends a sentence; some files (ja) start the next one's comments without it
+        ends_sentence = not line.strip() or (line.startswith("#") and (tokens or bad is not None))
+        if ends_sentence:
             if bad is not None:
                 yield bad
             elif tokens:
-                record = _nlu_record(tokens, tags, intent, lang, source, start)
-                yield record
+                yield _nlu_record(tokens, tags, intent, lang, source, start)
             tokens, tags, intent, bad = [], [], "", None
-            start = line_number + 1
-            continue
+            start = line_number + (0 if line.strip() else 1)
+            if not line.strip():
+                continue
         if bad is not None:
             continue
         if line.startswith("#"):

@@ -1,0 +1,97 @@
+import pytest
+
+from atm_ray.cli import main
+from atm_ray.config import PRESETS, ConfigError, load_config
+from atm_ray.modeling import count_parameters
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load(preset):
+    config = load_config(preset)
+    assert config.name == preset
+    assert config.pretrain.model in config.models
+
+
+def test_override_sets_nested_values_with_types():
+    config = load_config("tiny", ["pretrain.stage1.steps=7", "pretrain.stage1.engine.precision=bf16", "seed=3"])
+    assert config.pretrain.stage1.steps == 7
+    assert config.pretrain.stage1.engine.precision == "bf16"
+    assert config.seed == 3
+
+
+def test_override_into_list_by_index():
+    config = load_config("tiny", ["data.written.train.0.max_records=5"])
+    assert config.data.written.train[0].max_records == 5
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigError, match=r"pretrain\.stage1\.stepz: unknown key"):
+        load_config("tiny", ["pretrain.stage1.stepz=4"])
+
+
+def test_bad_value_names_the_key_and_reason():
+    with pytest.raises(ConfigError, match=r"pretrain\.stage1\.steps: Input should be a valid integer"):
+        load_config("tiny", ["pretrain.stage1.steps=abc"])
+    with pytest.raises(ConfigError, match=r"models\.teacher: .*not divisible by num_heads 3"):
+        load_config("tiny", ["models.teacher.num_heads=3"])
+    with pytest.raises(ConfigError, match=r"zero_stage"):
+        load_config("tiny", ["pretrain.stage1.engine.zero_stage=5"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config("tiny", ["steps"])
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config("tiny", ["data.written.train.99.lang=en"])
+
+
+def test_pretrain_model_must_name_a_model():
+    with pytest.raises(ConfigError, match="pretrain.model names 'nope'"):
+        load_config("tiny", ["pretrain.model=nope"])
+
+
+PAPER_NOMINAL = {
+    "teacher_700m": 700e6,
+    "teacher_2p3b": 2.3e9,
+    "teacher_9p3b": 9.3e9,
+    "intermediate": 170e6,
+    "final": 17e6,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_NOMINAL))
+def test_paper_models_within_five_percent_of_nominal(name):
+    config = load_config("paper")
+    count = count_parameters(config.models[name], config.tokenizer.vocab_size)
+    assert abs(count.non_embedding / PAPER_NOMINAL[name] - 1) <= 0.05
+
+
+def test_paper_preset_is_set_for_a_cluster():
+    config = load_config("paper")
+    assert config.cluster.use_gpu and config.cluster.num_workers > 1
+    assert config.pretrain.stage1.engine.precision == "bf16"
+    assert config.pretrain.stage1.engine.zero_stage >= 1
+
+
+def test_count_parameters_matches_allocated_model():
+    from atm_ray.modeling import build_masked_lm
+
+    config = load_config("tiny")
+    shape = config.models["teacher"]
+    count = count_parameters(shape, 1000)
+    model = build_masked_lm(shape, 1000)
+    assert count.total == sum(parameter.numel() for parameter in model.parameters())
+    assert count.embedding == 1000 * shape.hidden_size + (shape.max_positions + 2) * shape.hidden_size + shape.hidden_size
+
+
+def test_config_show_prints_every_model(capsys):
+    assert main(["config", "show", "--preset", "paper"]) == 0
+    out = capsys.readouterr().out
+    for name in PAPER_NOMINAL:
+        assert name in out
+    assert "2,299,788,528" in out  # the 2.3B teacher's non-embedding count
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["config", "show", "--preset", "tiny", "cluster.num_workerz=2"]) == 2
+    assert "cluster.num_workerz: unknown key" in capsys.readouterr().err

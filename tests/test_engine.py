@@ -1,0 +1,150 @@
+"""The DeepSpeed engine loop without Ray (real DeepSpeed, CPU, gloo, one process)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM
+
+from atm_ray.config import EngineConfig, load_config
+from atm_ray.engine import FAULT_EXIT_CODE, MlmTrainer, RowSource, deepspeed_config, endless, read_rows, split_batch_size, warmup_linear_decay
+from atm_ray.modeling import build_masked_lm
+from atm_ray.pretrain import run_pretrain_stage_local
+
+SHORT_RUN = [
+    "pretrain.stage1.steps=12",
+    "pretrain.stage1.eval_every=4",
+    "pretrain.stage1.checkpoint_every=4",
+    "pretrain.stage1.engine.micro_batch_size=8",
+    "pretrain.stage1.engine.warmup_steps=2",
+]
+# Recorded on this CPU with seed 0 (fp32, ZeRO-1): train loss at steps 4, 8, 12.
+RECORDED_LOSSES = [8.2592, 8.0959, 7.9444]
+
+
+def _short_config(tmp_path, run_name, *overrides):
+    config = load_config("tiny", [f"run_dir={tmp_path / run_name}", *SHORT_RUN, *overrides])
+    return config
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory):
+    """A run folder whose prepare stage is done, shared by the runs of this module."""
+    from atm_ray.prepare import prepare
+
+    root = tmp_path_factory.mktemp("engine")
+    prepare(load_config("tiny", [f"run_dir={root / 'prepared'}"]))
+    return root
+
+
+def _run(prepared_run, name, *overrides):
+    import shutil
+
+    run_dir = prepared_run / name
+    if not (run_dir / "prepare").exists():
+        shutil.copytree(prepared_run / "prepared" / "prepare", run_dir / "prepare")
+    config = load_config("tiny", [f"run_dir={run_dir}", *SHORT_RUN, *overrides])
+    result = run_pretrain_stage_local(config, 1)
+    return json.loads((result.stage_dir / "metrics.json").read_text()), result
+
+
+def test_loss_regression_against_recorded_values(prepared_run):
+    history, result = _run(prepared_run, "regression")
+    losses = [entry["train_loss"] for entry in history]
+    assert [entry["step"] for entry in history] == [4, 8, 12]
+    assert losses == pytest.approx(RECORDED_LOSSES, rel=0.005)
+    assert history[-1]["written/perplexity"] == pytest.approx(np.exp(history[-1]["written/mlm_loss"]))
+    assert 0 <= history[-1]["spoken/noun_mask_fill_accuracy"] <= 1
+
+
+def test_zero1_and_zero2_give_the_same_losses(prepared_run):
+    zero1, _ = _run(prepared_run, "zero1", "pretrain.stage1.engine.zero_stage=1")
+    zero2, _ = _run(prepared_run, "zero2", "pretrain.stage1.engine.zero_stage=2")
+    assert [entry["train_loss"] for entry in zero1] == pytest.approx([entry["train_loss"] for entry in zero2], rel=1e-5)
+    assert zero1[-1]["written/mlm_loss"] == pytest.approx(zero2[-1]["written/mlm_loss"], rel=1e-5)
+
+
+def test_bf16_engine_trains(prepared_run):
+    history, _ = _run(prepared_run, "bf16", "pretrain.stage1.engine.precision=bf16")
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[0]["train_loss"] == pytest.approx(RECORDED_LOSSES[0], rel=0.05)
+
+
+def test_killed_run_resumes_and_matches_uninterrupted(prepared_run):
+    uninterrupted, _ = _run(prepared_run, "uninterrupted")
+    run_dir = prepared_run / "killed"
+    import shutil
+
+    shutil.copytree(prepared_run / "prepared" / "prepare", run_dir / "prepare")
+    command = [sys.executable, "-m", "atm_ray.cli", "pretrain", "--stage", "1", "--no-ray", "--run-dir", str(run_dir), *SHORT_RUN]
+    # a fresh process group: drop the rendezvous variables this test process set for itself
+    distributed = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
+    environment = {key: value for key, value in os.environ.items() if key not in distributed}
+    environment["ATM_RAY_FAIL_AT_STEP"] = "10"
+    crashed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == FAULT_EXIT_CODE, crashed.stderr[-3000:]
+    checkpoints = sorted(path.name for path in (run_dir / "teacher_stage1" / "checkpoints").iterdir())
+    assert checkpoints == ["step-4", "step-8"]
+    resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    history = json.loads((run_dir / "teacher_stage1" / "metrics.json").read_text())
+    assert [entry["step"] for entry in history] == [4, 8, 12]
+    assert [entry["train_loss"] for entry in history] == pytest.approx([entry["train_loss"] for entry in uninterrupted], rel=1e-6)
+    assert history[-1]["written/mlm_loss"] == pytest.approx(uninterrupted[-1]["written/mlm_loss"], rel=1e-6)
+
+
+def test_export_loads_and_gives_the_engines_logits(prepared_run, tmp_path):
+    from atm_ray.prepare import PreparedData
+    from atm_ray.tokenizer import load_tokenizer
+
+    prepared = PreparedData(prepared_run / "prepared" / "prepare")
+    config = load_config("tiny")
+    engine_config = EngineConfig(micro_batch_size=4, warmup_steps=1)
+    model = build_masked_lm(config.models["teacher"], prepared.vocab_size, seed=0)
+    trainer = MlmTrainer(model, engine_config, total_steps=3, vocab_size=prepared.vocab_size)
+    batches = endless(RowSource(read_rows(prepared.shard_dir("written", "train")), 4, seed=0))
+    for _ in range(3):
+        trainer.train_step([next(batches)])
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    trainer.export(tmp_path / "export", tokenizer)
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    loaded = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "export")).eval()
+    inputs = tokenizer(["set an alarm for <mask> am"], return_tensors="pt")
+    trainer.engine.eval()
+    with torch.no_grad():
+        expected = trainer.engine(**inputs).logits
+        actual = loaded(**inputs).logits
+    assert torch.allclose(expected, actual, atol=1e-5)
+
+
+def test_deepspeed_config_and_schedule():
+    engine = EngineConfig(zero_stage=2, precision="bf16", micro_batch_size=4, gradient_accumulation_steps=3)
+    config = deepspeed_config(engine, world_size=2)
+    assert config["train_batch_size"] == 24 and config["zero_optimization"]["stage"] == 2
+    assert config["bf16"] == {"enabled": True} and "optimizer" not in config
+    assert deepspeed_config(EngineConfig(precision="autocast_bf16"), 1)["torch_autocast"]["dtype"] == "bfloat16"
+    assert deepspeed_config(EngineConfig(optimizer="fused_adam"), 1)["optimizer"]["type"] == "AdamW"
+    factor = warmup_linear_decay(warmup_steps=10, total_steps=110)
+    assert factor(0) < factor(5) < factor(9) <= 1.0
+    assert factor(10) == 1.0 and factor(60) == pytest.approx(0.5) and factor(110) == 0.0
+
+
+def test_replay_batch_split():
+    assert split_batch_size(16, 0.25) == (12, 4)
+    assert split_batch_size(16, 0.0) == (16, 0)
+    assert split_batch_size(4, 0.05) == (3, 1)
+    with pytest.raises(ValueError, match="leaves no room"):
+        split_batch_size(2, 0.9)
+
+
+def test_row_source_splits_ranks_without_overlap():
+    columns = {"input_ids": np.arange(40).reshape(20, 2), "noun_mask": np.zeros((20, 2))}
+    rank0 = [row for batch in RowSource(columns, 5, 0, 2, seed=1).epoch(0) for row in batch["input_ids"][:, 0]]
+    rank1 = [row for batch in RowSource(columns, 5, 1, 2, seed=1).epoch(0) for row in batch["input_ids"][:, 0]]
+    assert len(rank0) == len(rank1) == 10 and not set(rank0) & set(rank1)
+    with pytest.raises(ValueError, match="cannot give each of 2 ranks a batch of 11"):
+        RowSource(columns, 11, 0, 2)

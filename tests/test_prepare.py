@@ -1,0 +1,86 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from atm_ray.cli import main
+from atm_ray.config import load_config
+from atm_ray.prepare import prepare
+
+
+def test_tiny_prepare_outputs(tiny_prepared):
+    config, prepared = tiny_prepared
+    manifest = prepared.manifest
+    assert manifest["vocab_size"] <= config.tokenizer.vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(str(prepared.tokenizer_dir))
+    assert len(tokenizer) == manifest["vocab_size"]
+    for kind in ("written", "spoken"):
+        for split in ("train", "heldout"):
+            table = pq.read_table(str(prepared.shard_dir(kind, split)))
+            assert table.num_rows == manifest["counts"][kind][split]["rows"] > 0
+            ids = np.asarray(table["input_ids"].to_pylist())
+            assert ids.shape[1] == config.data.max_seq_len
+            assert (ids[:, 0] == tokenizer.bos_token_id).all()
+            assert ids.max() < manifest["vocab_size"]
+        heldout = pq.read_table(str(prepared.shard_dir(kind, "heldout")))
+        noun_share = np.asarray(heldout["noun_mask"].to_pylist()).sum() / (np.asarray(heldout["input_ids"].to_pylist()) > 4).sum()
+        # UD (UPOS) and SLURP (PTB) held-out text carries POS tags: a good share of sub-words are nouns
+        assert 0.15 < noun_share < 0.6
+    spoken = pq.read_table(str(prepared.shard_dir("spoken", "train")))
+    decoded = tokenizer.decode(spoken["input_ids"][0].as_py(), skip_special_tokens=True)
+    assert decoded == decoded.lower()  # spoken form
+
+
+def test_prepare_is_skipped_when_up_to_date(tiny_prepared):
+    config, prepared = tiny_prepared
+    stamp = (prepared.root / "manifest.json").stat().st_mtime_ns
+    assert prepare(config).root == prepared.root
+    assert (prepared.root / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_prepare_reads_pyarrow_uris(tmp_path):
+    from atm_ray.data.files import bundled_root
+
+    uri = "file://" + str(bundled_root() / "spoken" / "slurp_lm.txt")
+    config = load_config(
+        "tiny",
+        [
+            f"run_dir={tmp_path}",
+            "data.written.train=[{format: conllu, path: 'bundled:written/en_ewt-ud-dev.conllu'}]",
+            "data.written.heldout=[]",
+            f"data.spoken.train=[{{format: text, path: '{uri}', lang: en, max_records: 500}}]",
+            "data.spoken.heldout=[]",
+            "tokenizer.vocab_size=500",
+        ],
+    )
+    prepared = prepare(config)
+    assert prepared.manifest["counts"]["spoken"]["train"]["records"] + prepared.manifest["counts"]["spoken"]["heldout"]["records"] == 500
+
+
+def test_bad_corpus_file_fails_with_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.conllu"
+    bad.write_text("# text = a b\n1\ta\ta\tDET\t_\t_\t0\troot\t_\t_\n2\tb\n\n")
+    code = main(
+        ["prepare", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), f"data.written.train=[{{format: conllu, path: '{bad}'}}]"]
+    )
+    assert code == 2
+    assert f"{bad}:3: CoNLL-U token line has 2 columns, expected 10" in capsys.readouterr().err
+
+
+def test_lenient_mode_skips_and_reports(tmp_path):
+    bad = tmp_path / "bad.conllu"
+    good_sentence = "# text = a cat\n1\ta\ta\tDET\t_\t_\t2\tdet\t_\t_\n2\tcat\tcat\tNOUN\t_\t_\t0\troot\t_\t_\n\n"
+    bad.write_text(good_sentence * 30 + "# text = x\n1\tx\n\n")
+    config = load_config(
+        "tiny",
+        [f"run_dir={tmp_path / 'run'}", "data.strict=false", f"data.written.train=[{{format: conllu, path: '{bad}'}}]", "tokenizer.vocab_size=300"],
+    )
+    prepared = prepare(config)
+    assert any("skipped 1" in line for line in prepared.manifest["read"])
+
+
+@pytest.mark.parametrize("missing", ["bundled:written/nope.conllu", "nope/nothing.txt"])
+def test_missing_corpus_is_a_clear_error(tmp_path, capsys, missing):
+    code = main(["prepare", "--preset", "tiny", "--run-dir", str(tmp_path), f"data.written.train.0.path={missing}"])
+    assert code == 2
+    assert "no such file" in capsys.readouterr().err
