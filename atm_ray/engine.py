@@ -35,6 +35,20 @@ HISTORY_FILE = "history.json"
 FAULT_EXIT_CODE = 17  # what an injected fault exits with (testing hook)
 
 
+def init_single_process_group() -> None:
+    """Rendezvous variables for one process without a launcher (torchrun and Ray Train set their own)."""
+    import socket
+
+    if torch.distributed.is_initialized():
+        return
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as handle:
+            handle.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(handle.getsockname()[1])
+
+
 def _configure_deepspeed_environment() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -132,6 +146,9 @@ class MlmTrainer:
             config=config,
             dist_init_required=False,
         )
+        if self.world_size == 1 and engine_config.zero_stage == 0:
+            # one rank has nothing to all-reduce: skip DeepSpeed's flatten/reduce/unflatten of every gradient
+            self.engine.enable_backward_allreduce = False
         self.device = self.engine.device
         self.step = 0
         self.history: list[dict] = []

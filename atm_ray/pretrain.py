@@ -32,6 +32,7 @@ from atm_ray.engine import (
     MlmTrainer,
     RowSource,
     endless,
+    init_single_process_group,
     mixed,
     parameter_checksum,
     read_rows,
@@ -345,24 +346,6 @@ def _finish_stage(config: Config, plan: StagePlan, prepared: PreparedData, final
 # ---------------------------------------------------------------------- without Ray
 
 
-def _init_single_process_group() -> None:
-    if torch.distributed.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 def run_pretrain_stage_local(config: Config, stage: int, run_dir: Path | None = None) -> StageResult:
     """The same stage in this process, without Ray (one rank, or each rank of a ``torchrun``)."""
     run_dir = Path(run_dir or config.resolved_run_dir())
@@ -375,7 +358,7 @@ def run_pretrain_stage_local(config: Config, stage: int, run_dir: Path | None = 
     stage_dir = Path(plan.stage_dir)
     checkpoints = stage_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    _init_single_process_group()
+    init_single_process_group()
     torch.manual_seed(config.seed)
     model = build_stage_model(config, plan)
     initial_checksum = parameter_checksum(model)

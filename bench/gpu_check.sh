@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU checks, as run through the `device` tool on an H100/H200 that has torch and transformers but
+# neither Ray nor DeepSpeed. Carry `.whl/` (pydantic, pydantic-core, annotated-types, typing-inspection,
+# typing_extensions, hjson wheels and DeepSpeed's sdist); results land in $OUT.
+set -euo pipefail
+OUT=${OUT:-/tmp/atm-ray-gpu}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, deepspeed; print(torch.__version__, transformers.__version__, deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
+# Issue 3: the 2.3B teacher, bs 32, seq 128, bf16; engine without Ray against plain PyTorch.
+python3 bench/train_throughput.py --preset paper --model teacher_2p3b --batch 32 --seq 128 \
+  --precision bf16 autocast_bf16 --zero 0 1 --optimizer torch_fused_adamw --no-ray --isolate \
+  --rounds "${ROUNDS:-2}" --steps "${STEPS:-15}" --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.log"
