@@ -15,5 +15,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers, deepspeed; print(torch.__version__, transformers.__version__, deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
 # Issue 3: the 2.3B teacher, bs 32, seq 128, bf16; engine without Ray against plain PyTorch.
 python3 bench/train_throughput.py --preset paper --model teacher_2p3b --batch 32 --seq 128 \
-  --precision bf16 autocast_bf16 --zero 0 1 --optimizer torch_fused_adamw --no-ray --isolate \
+  --precision bf16 autocast_bf16 --zero ${ZERO:-0} --optimizer torch_fused_adamw --no-ray --isolate \
   --rounds "${ROUNDS:-2}" --steps "${STEPS:-15}" --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train_throughput.log"
