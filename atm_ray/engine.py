@@ -54,12 +54,19 @@ def _configure_deepspeed_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def clips_outside_deepspeed(engine: EngineConfig) -> bool:
+    """Without ZeRO, gradients sit on the parameters and torch's fused (foreach) clipping is used:
+    DeepSpeed's own clips parameter by parameter from Python, which costs ~5% of a 2.3B model's step
+    on an H200. ZeRO and DeepSpeed's bf16 optimizer keep gradients in their own buffers and clip there."""
+    return engine.zero_stage == 0 and engine.precision in ("fp32", "autocast_bf16") and engine.gradient_clipping > 0
+
+
 def deepspeed_config(engine: EngineConfig, world_size: int) -> dict:
     config: dict = {
         "train_micro_batch_size_per_gpu": engine.micro_batch_size,
         "gradient_accumulation_steps": engine.gradient_accumulation_steps,
         "train_batch_size": engine.micro_batch_size * engine.gradient_accumulation_steps * world_size,
-        "gradient_clipping": engine.gradient_clipping,
+        "gradient_clipping": 0.0 if clips_outside_deepspeed(engine) else engine.gradient_clipping,
         "zero_optimization": {"stage": engine.zero_stage},
         # our AdamW objects are torch's own, which DeepSpeed has not listed as tested with ZeRO
         "zero_allow_untested_optimizer": True,
@@ -149,6 +156,7 @@ class MlmTrainer:
         if self.world_size == 1 and engine_config.zero_stage == 0:
             # one rank has nothing to all-reduce: skip DeepSpeed's flatten/reduce/unflatten of every gradient
             self.engine.enable_backward_allreduce = False
+        self.clip_here = clips_outside_deepspeed(engine_config)
         self.device = self.engine.device
         self.step = 0
         self.history: list[dict] = []
@@ -158,22 +166,26 @@ class MlmTrainer:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, int]:
+    def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, int]:
         """One optimiser step over ``gradient_accumulation_steps`` micro-batches of packed rows.
 
-        Returns this rank's mean loss and the number of real (non-pad) tokens it processed.
+        Returns this rank's mean loss as a device tensor (reading it would wait for the GPU, so the
+        loop reads losses only when it reports) and the number of real (non-pad) tokens processed.
         """
         self.engine.train()
-        losses, tokens = [], 0
-        for rows in micro_batches:
-            batch = {name: tensor.to(self.device) for name, tensor in self.collator(rows).items()}
+        loss_sum, tokens = None, 0
+        for index, rows in enumerate(micro_batches):
+            batch = self.collator(rows)
+            tokens += int(batch["attention_mask"].sum())  # on the CPU: no wait for the GPU
+            batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
             loss = self.engine(**batch).loss
             self.engine.backward(loss)
+            if self.clip_here and index == len(micro_batches) - 1:
+                torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), self.engine_config.gradient_clipping)
             self.engine.step()
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         self.step += 1
-        return sum(losses) / len(losses), tokens
+        return loss_sum / len(micro_batches), tokens
 
     @property
     def learning_rate(self) -> float:
@@ -372,13 +384,14 @@ def run_training(
     ``save_pretrained`` export under ``export/`` and the metrics history.
     """
     accumulation = trainer.engine_config.gradient_accumulation_steps
-    window_losses: list[float] = []
+    window_loss, window_steps = torch.zeros((), device=trainer.device), 0
     window_tokens, window_start = 0, time.perf_counter()
     metrics: dict = {}
     while trainer.step < settings.steps:
         micro_batches = [next(batches) for _ in range(accumulation)]
         loss, tokens = trainer.train_step(micro_batches)
-        window_losses.append(loss)
+        window_loss += loss
+        window_steps += 1
         window_tokens += tokens
         step = trainer.step
         if settings.fail_at_step == step and trainer.rank == settings.fail_rank:
@@ -387,10 +400,9 @@ def run_training(
         at_checkpoint = step % settings.checkpoint_every == 0 or step == settings.steps
         if not (at_eval or at_checkpoint):
             continue
+        mean_loss = window_loss.item() / window_steps  # waits for the device, then time the window
         elapsed = time.perf_counter() - window_start
-        train_loss, tokens_per_second = trainer.all_reduce_mean(
-            [sum(window_losses) / len(window_losses), window_tokens / max(elapsed, 1e-9)]
-        )
+        train_loss, tokens_per_second = trainer.all_reduce_mean([mean_loss, window_tokens / max(elapsed, 1e-9)])
         metrics = {
             "step": step,
             "train_loss": train_loss,
@@ -411,7 +423,8 @@ def run_training(
             if step == settings.steps:
                 trainer.export(Path(directory) / EXPORT_DIR, tokenizer)
         report(metrics, directory)
-        window_losses, window_tokens, window_start = [], 0, time.perf_counter()
+        window_loss, window_steps = torch.zeros((), device=trainer.device), 0
+        window_tokens, window_start = 0, time.perf_counter()
     return metrics
 
 

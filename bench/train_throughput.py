@@ -75,7 +75,9 @@ def plain_pytorch(args, shape, vocab: int, precision: str, optimizer_name: str) 
         if step == args.warmup:
             synchronize()
             tokens, started = 0, time.perf_counter()
-        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in collator(next(stream)).items()}
+        batch = collator(next(stream))
+        tokens += int(batch["attention_mask"].sum())  # on the CPU, as the engine counts
+        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(**batch).loss
         loss.backward()
@@ -83,7 +85,6 @@ def plain_pytorch(args, shape, vocab: int, precision: str, optimizer_name: str) 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
     synchronize()
     rate = tokens / (time.perf_counter() - started)
     del model, optimizer
