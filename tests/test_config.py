@@ -15,7 +15,7 @@ def test_presets_load(preset):
 def test_override_sets_nested_values_with_types():
     config = load_config("tiny", ["pretrain.stage1.steps=7", "pretrain.stage1.engine.precision=bf16", "seed=3"])
     assert config.pretrain.stage1.steps == 7
-    assert config.pretrain.stage1.engine.precision == "bf16"
+    assert config.pretrain.stage1.engine.precision == "autocast_bf16"
     assert config.seed == 3
 
 
@@ -69,7 +69,7 @@ def test_paper_models_within_five_percent_of_nominal(name):
 def test_paper_preset_is_set_for_a_cluster():
     config = load_config("paper")
     assert config.cluster.use_gpu and config.cluster.num_workers > 1
-    assert config.pretrain.stage1.engine.precision == "bf16"
+    assert config.pretrain.stage1.engine.precision == "autocast_bf16"
     assert config.pretrain.stage1.engine.zero_stage >= 1
 
 
