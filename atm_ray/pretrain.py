@@ -246,17 +246,20 @@ def init_ray(address: str | None = None) -> None:
     environment = {
         "RAY_USAGE_STATS_ENABLED": "0",
         # Ray Train V2 waits for the controller's poll on every report; poll often.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
         "TOKENIZERS_PARALLELISM": "false",
         # models are built from config and loaded from local folders, never fetched from a hub
         "HF_HUB_OFFLINE": "1",
     }
     if not torch.cuda.is_available():
         environment["DS_ACCELERATOR"] = "cpu"
-    os.environ.update(environment)
+    # What the user or a submitted job's runtime env already sets wins; Ray refuses to merge a
+    # variable that both the job and ray.init set.
+    runtime_env = {"env_vars": {name: value for name, value in environment.items() if name not in os.environ}}
+    for name, value in environment.items():
+        os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": environment}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:

@@ -11,8 +11,12 @@ A rerun skips finished stages and resumes an interrupted one from its last check
 """
 
 import sys
+from pathlib import Path
 
-from atm_ray.cli import main
+# under `ray job submit --working-dir .` the uploaded checkout is imported, not an installed copy
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atm_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["pipeline", *sys.argv[1:]]))

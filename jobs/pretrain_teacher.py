@@ -15,8 +15,12 @@ Overrides are `key.sub=value`, e.g. `pretrain.stage1.steps=1000 cluster.num_work
 """
 
 import sys
+from pathlib import Path
 
-from atm_ray.cli import main
+# under `ray job submit --working-dir .` the uploaded checkout is imported, not an installed copy
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atm_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["pretrain", *sys.argv[1:]]))

@@ -15,7 +15,7 @@ def test_presets_load(preset):
 def test_override_sets_nested_values_with_types():
     config = load_config("tiny", ["pretrain.stage1.steps=7", "pretrain.stage1.engine.precision=bf16", "seed=3"])
     assert config.pretrain.stage1.steps == 7
-    assert config.pretrain.stage1.engine.precision == "autocast_bf16"
+    assert config.pretrain.stage1.engine.precision == "bf16"
     assert config.seed == 3
 
 
