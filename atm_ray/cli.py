@@ -3,6 +3,7 @@
     atm-ray config show --preset paper
     atm-ray prepare --preset tiny [key.sub=value ...]
     atm-ray pretrain --stage 1 --preset tiny
+    atm-ray distill --student intermediate --preset tiny
     atm-ray pipeline --preset tiny
 """
 
@@ -55,10 +56,16 @@ def command_prepare(args) -> None:
 
 
 def command_pretrain(args) -> None:
-    from atm_ray.pretrain import run_pretrain_stage, run_pretrain_stage_local
+    from atm_ray.pretrain import run_pretrain_stage
 
-    runner = run_pretrain_stage_local if args.no_ray else run_pretrain_stage
-    print(runner(_config(args), stage=args.stage).summary())
+    print(run_pretrain_stage(_config(args), stage=args.stage, use_ray=not args.no_ray).summary())
+
+
+def command_distill(args) -> None:
+    from atm_ray.distill import run_distill
+
+    for result in run_distill(_config(args), args.student, use_ray=not args.no_ray):
+        print(result.summary())
 
 
 def command_pipeline(args) -> None:
@@ -91,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ray", action="store_true", help="run the engine loop in this process (or under torchrun), without Ray"
     )
     pretrain_parser.set_defaults(handler=command_pretrain)
+
+    distill_parser = commands.add_parser(
+        "distill", help="intermediate: distil from the teachers, then continue in-domain; final: distil the 17M"
+    )
+    _add_common(distill_parser)
+    distill_parser.add_argument("--student", choices=("intermediate", "final"), required=True)
+    distill_parser.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
+    distill_parser.set_defaults(handler=command_distill)
 
     pipeline_parser = commands.add_parser("pipeline", help="every stage, skipping those already done")
     _add_common(pipeline_parser)

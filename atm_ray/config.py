@@ -103,6 +103,44 @@ class StageConfig(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
+class LossWeights(Strict):
+    mlm: float = Field(default=1.0, ge=0)
+    soft_ce: float = Field(default=1.0, ge=0)
+    hidden: float = Field(default=0.0, ge=0)
+    attention: float = Field(default=0.0, ge=0)
+
+
+class TeacherSwitch(Strict):
+    """When to move from the Stage-1 to the Stage-2 teacher: a plateau of ``metric`` on held-out data
+    (no gain of ``min_delta`` for ``patience`` evaluations; losses must fall, accuracies rise), or
+    ``max_steps`` at the latest."""
+
+    metric: str = "written/mlm_loss"
+    patience: int = Field(default=2, gt=0)
+    min_delta: float = Field(default=0.01, ge=0)
+    max_steps: int | None = Field(default=None, gt=0)
+
+
+class DistillStageConfig(StageConfig):
+    student: str
+    # share of each batch drawn from spoken text (the rest is written)
+    spoken_fraction: float = Field(default=0.5, ge=0.0, lt=1.0)
+    temperature: float = Field(default=2.0, gt=0)
+    soft_targets: Literal["masked", "all"] = "masked"
+    weights: LossWeights = Field(default_factory=LossWeights)
+    # student layer m (0 = embeddings) learns from teacher layer layer_map[m]; default uniform k*m
+    layer_map: list[int] | None = None
+    init: Literal["random", "teacher_layers"] = "random"
+    switch: TeacherSwitch | None = None
+
+
+class DistillConfig(Strict):
+    intermediate: DistillStageConfig
+    # MLM-only continued pretraining of the intermediate student on in-domain spoken text
+    continuation: StageConfig
+    final: DistillStageConfig
+
+
 class ClusterConfig(Strict):
     address: str | None = None
     num_workers: int = Field(default=1, gt=0)
@@ -129,14 +167,16 @@ class Config(Strict):
     tokenizer: TokenizerConfig
     models: dict[str, ModelShape]
     pretrain: PretrainConfig
+    distill: DistillConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _models_exist(self) -> "Config":
-        if self.pretrain.model not in self.models:
-            raise ValueError(
-                f"pretrain.model names {self.pretrain.model!r}, not one of models: {sorted(self.models)}"
-            )
+        named = {"pretrain.model": self.pretrain.model}
+        named.update({f"distill.{name}.student": getattr(self.distill, name).student for name in ("intermediate", "final")})
+        for key, model in named.items():
+            if model not in self.models:
+                raise ValueError(f"{key} names {model!r}, not one of models: {sorted(self.models)}")
         return self
 
     def resolved_run_dir(self) -> Path:

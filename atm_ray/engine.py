@@ -181,7 +181,7 @@ class MlmTrainer:
             batch = self.collator(rows)
             tokens += int(batch["attention_mask"].sum())  # on the CPU: no wait for the GPU
             batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
-            loss = self.engine(**batch).loss
+            loss = self.compute_loss(batch)
             self.engine.backward(loss)
             if self.clip_here and index == len(micro_batches) - 1:
                 torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), self.engine_config.gradient_clipping)
@@ -214,44 +214,41 @@ class MlmTrainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
     def evaluate(self, heldout: dict[str, np.ndarray], batches: int, batch_size: int) -> dict[str, float]:
-        """Masked-token loss, perplexity and top-1 mask filling on fixed masks, plus noun mask filling.
-
-        Every rank runs the same batches (ZeRO-3 needs every rank in each forward).
-        """
+        """Held-out metrics of the model in the engine (every rank runs the same batches: ZeRO-3 needs
+        every rank in each forward)."""
         self.engine.eval()
-        metrics: dict[str, float] = {}
-        for mode in ("eval", "noun"):
-            collator = MaskingCollator(self.vocab_size, self.mask_probability, mode, seed=self.seed + 12345)
-            loss_sum, correct, count = 0.0, 0, 0
-            rows = heldout["input_ids"]
-            for start in range(0, min(len(rows), batches * batch_size), batch_size):
-                batch = collator({name: column[start : start + batch_size] for name, column in heldout.items()})
-                batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
-                logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                chosen = batch["labels"] != IGNORE_INDEX
-                chosen_logits = logits[chosen].float()
-                targets = batch["labels"][chosen]
-                loss_sum += torch.nn.functional.cross_entropy(chosen_logits, targets, reduction="sum").item()
-                correct += int((chosen_logits.argmax(-1) == targets).sum())
-                count += int(chosen.sum())
-            if mode == "eval":
-                loss = loss_sum / max(count, 1)
-                metrics["mlm_loss"] = loss
-                metrics["perplexity"] = math.exp(min(loss, 50.0))
-                metrics["mask_fill_accuracy"] = correct / max(count, 1)
-            else:
-                metrics["noun_mask_fill_accuracy"] = correct / count if count else float("nan")
-                metrics["noun_masked_tokens"] = count
-        return metrics
+        return masked_lm_metrics(self.engine, heldout, batches, batch_size, self.vocab_size, self.mask_probability, self.seed, self.device)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.engine(**batch).loss
+
+    def loss_terms(self) -> dict[str, float]:
+        """Each loss term's mean since the last call (distillation logs them separately)."""
+        return {}
+
+    def after_evaluation(self, metrics: dict) -> None:
+        """Called with each evaluation's metrics, identical on every rank."""
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what ``extra_state`` saved."""
 
     # ------------------------------------------------------------------ checkpoints and export
 
     def save_checkpoint(self, directory: str | Path, data_position: int) -> None:
         """Collective: every rank writes its ZeRO shards and its RNG state into ``directory``."""
         directory = Path(directory)
-        client_state = {"step": self.step, "history": self.history, "data_position": data_position}
+        client_state = {
+            "step": self.step,
+            "history": self.history,
+            "data_position": data_position,
+            "extra": self.extra_state(),
+        }
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
         torch.save(
             {"torch": torch.get_rng_state(), "collator": self.collator.generator.get_state()},
@@ -268,6 +265,7 @@ class MlmTrainer:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r}")
         self.step = client_state["step"]
         self.history = client_state["history"]
+        self.load_extra_state(client_state.get("extra", {}))
         rng_file = directory / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
             states = torch.load(rng_file, weights_only=True)
@@ -279,7 +277,7 @@ class MlmTrainer:
         """Collective under ZeRO-3; rank 0 writes ``save_pretrained`` (safetensors) and the tokenizer."""
         import deepspeed
 
-        model = self.engine.module
+        model = getattr(self.engine.module, "student", self.engine.module)  # distillation wraps the student
         gathered = (
             deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
             if self.engine_config.zero_stage == 3
@@ -290,6 +288,47 @@ class MlmTrainer:
                 model.save_pretrained(str(directory), safe_serialization=True)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(directory))
+
+
+@torch.no_grad()
+def masked_lm_metrics(
+    model: Callable,
+    heldout: dict[str, np.ndarray],
+    batches: int,
+    batch_size: int,
+    vocab_size: int,
+    mask_probability: float,
+    seed: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Masked-token loss, perplexity and top-1 mask filling on fixed masks, plus noun mask filling.
+
+    The masks depend only on ``seed``, so a student and its teacher are scored on the same positions.
+    """
+    metrics: dict[str, float] = {}
+    for mode in ("eval", "noun"):
+        collator = MaskingCollator(vocab_size, mask_probability, mode, seed=seed + 12345)
+        loss_sum, correct, count = 0.0, 0, 0
+        rows = heldout["input_ids"]
+        for start in range(0, min(len(rows), batches * batch_size), batch_size):
+            batch = collator({name: column[start : start + batch_size] for name, column in heldout.items()})
+            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            chosen = batch["labels"] != IGNORE_INDEX
+            chosen_logits = logits[chosen].float()
+            targets = batch["labels"][chosen]
+            loss_sum += torch.nn.functional.cross_entropy(chosen_logits, targets, reduction="sum").item()
+            correct += int((chosen_logits.argmax(-1) == targets).sum())
+            count += int(chosen.sum())
+        if mode == "eval":
+            loss = loss_sum / max(count, 1)
+            metrics["mlm_loss"] = loss
+            metrics["perplexity"] = math.exp(min(loss, 50.0))
+            metrics["mask_fill_accuracy"] = correct / max(count, 1)
+        else:
+            metrics["noun_mask_fill_accuracy"] = correct / count if count else float("nan")
+            metrics["noun_masked_tokens"] = count
+    return metrics
 
 
 # ---------------------------------------------------------------------- data
@@ -412,12 +451,14 @@ def run_training(
             "learning_rate": trainer.learning_rate,
             "tokens_per_second": tokens_per_second * trainer.world_size,
             **settings.extra_metrics,
+            **trainer.loss_terms(),
         }
         if at_eval:
             metrics["replica_divergence"] = trainer.replica_divergence()
             for kind, rows in heldout.items():
                 for name, value in trainer.evaluate(rows, settings.eval_batches, settings.eval_batch_size).items():
                     metrics[f"{kind}/{name}"] = value
+            trainer.after_evaluation(metrics)
             trainer.history.append(metrics)
         directory = None
         if at_checkpoint:

@@ -133,7 +133,7 @@ def ray_train_loop(args, shape, vocab: int, precision: str, optimizer_name: str,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from atm_ray.pretrain import init_ray
+    from atm_ray.stages import init_ray
 
     init_ray()
     threads = torch.get_num_threads()

@@ -35,7 +35,7 @@ def local_ray():
     """A real local Ray cluster for the module, shut down afterwards."""
     import ray
 
-    from atm_ray.pretrain import init_ray
+    from atm_ray.stages import init_ray
 
     init_ray()
     yield ray

@@ -85,5 +85,5 @@ def test_pretrain_job_submitted_to_a_local_head(ray_head, tmp_path):
         status = ray_head.get_job_status(job)
     logs = ray_head.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "teacher stage 1 finished" in logs
+    assert "teacher_stage1 finished" in logs
     assert (run_dir / "teacher_stage1" / "export" / "model.safetensors").is_file()

@@ -8,7 +8,8 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from atm_ray.config import load_config
 from atm_ray.engine import parameter_checksum
-from atm_ray.pretrain import FAIL_AT_STEP_ENV, run_pretrain_stage
+from atm_ray.pretrain import run_pretrain_stage
+from atm_ray.stages import FAIL_AT_STEP_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,262 @@
+"""Two-step distillation (the paper's recipe).
+
+1. ``intermediate_distill``: teacher -> intermediate student with MLM + soft cross-entropy (equal weights
+   by default), first from the Stage-1 teacher and, once the student plateaus, from the Stage-2 teacher.
+2. ``intermediate_continue``: MLM-only continued pretraining of the intermediate on spoken text.
+3. ``final_distill``: intermediate -> final student with MLM + soft CE + hidden-state matching.
+
+The teacher runs in every worker in eval mode without gradients (bf16 on a GPU); the student and the
+hidden-state projection train together inside the DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForMaskedLM
+
+from atm_ray.config import Config, DistillStageConfig
+from atm_ray.engine import MlmTrainer, masked_lm_metrics
+from atm_ray.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
+from atm_ray.modeling import PAD_ID
+from atm_ray.prepare import PreparedData, prepare
+from atm_ray.stages import StagePlan, StageResult, make_plan, run_stage, run_stage_local
+
+logger = logging.getLogger(__name__)
+
+
+class StudentWithProjection(torch.nn.Module):
+    """The student and the learned projection from its width to the teacher's, trained together.
+    Calling it calls the student, so evaluation and export see a plain masked LM."""
+
+    def __init__(self, student: torch.nn.Module, teacher_width: int | None):
+        super().__init__()
+        self.student = student
+        self.projection = torch.nn.Linear(student.config.hidden_size, teacher_width) if teacher_width else None
+
+    def forward(self, **inputs):
+        return self.student(**inputs)
+
+
+def init_from_teacher_layers(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """DistilBERT-style: copy the embeddings, the LM head and every k-th teacher layer (same width only)."""
+    if student.config.hidden_size != teacher.config.hidden_size:
+        raise ValueError(
+            f"init: teacher_layers needs equal widths; the student has {student.config.hidden_size}, "
+            f"the teacher {teacher.config.hidden_size}"
+        )
+    student_encoder, teacher_encoder = student.roberta_prelayernorm, teacher.roberta_prelayernorm
+    layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    student_encoder.embeddings.load_state_dict(teacher_encoder.embeddings.state_dict())
+    for student_layer, teacher_layer in enumerate(layer_map[1:]):
+        student_encoder.encoder.layer[student_layer].load_state_dict(teacher_encoder.encoder.layer[teacher_layer - 1].state_dict())
+    student_encoder.LayerNorm.load_state_dict(teacher_encoder.LayerNorm.state_dict())
+    student.lm_head.load_state_dict(teacher.lm_head.state_dict())
+
+
+class DistillTrainer(MlmTrainer):
+    """A student distilled from one teacher, or from a sequence of teachers switched on a plateau."""
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        settings: DistillStageConfig,
+        teachers: list[str],
+        vocab_size: int,
+        mask_probability: float = 0.15,
+        seed: int = 0,
+    ):
+        if not teachers:
+            raise ValueError("a distillation stage needs at least one teacher")
+        self.settings = settings
+        self.teacher_paths = teachers
+        self.teacher_index = 0
+        self.switch_step: int | None = None
+        self.best_metric: float | None = None
+        self.evaluations_without_gain = 0
+        first_teacher = self._load_teacher(teachers[0], vocab_size)
+        weights = settings.weights
+        needs_hidden = weights.hidden > 0
+        if settings.init == "teacher_layers":
+            init_from_teacher_layers(student, first_teacher)
+        self.layer_map = None
+        if needs_hidden or weights.attention > 0:
+            student_layers, teacher_layers = student.config.num_hidden_layers, first_teacher.config.num_hidden_layers
+            self.layer_map = settings.layer_map or uniform_layer_map(student_layers, teacher_layers)
+            check_layer_map(self.layer_map, student_layers, teacher_layers)
+        wrapper = StudentWithProjection(student, first_teacher.config.hidden_size if needs_hidden else None)
+        super().__init__(wrapper, settings.engine, settings.steps, vocab_size, mask_probability, seed)
+        self.teacher = self._place(first_teacher)
+        self.term_sums: dict[str, torch.Tensor] = {}
+        self.term_count = 0
+        self.teacher_metrics: dict[str, float] = {}
+
+    def _load_teacher(self, path: str, vocab_size: int) -> torch.nn.Module:
+        teacher = AutoModelForMaskedLM.from_pretrained(path)
+        if teacher.config.vocab_size != vocab_size:
+            raise ValueError(
+                f"teacher {path} has a vocabulary of {teacher.config.vocab_size}, the student {vocab_size}: "
+                "teacher and student must share the tokenizer"
+            )
+        return teacher
+
+    def _place(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        teacher = teacher.to(self.device).eval().requires_grad_(False)
+        return teacher.to(torch.bfloat16) if self.device.type == "cuda" else teacher
+
+    def _switch_to(self, index: int) -> None:
+        self.teacher_index = index
+        self.teacher = self._place(self._load_teacher(self.teacher_paths[index], self.vocab_size))
+        self.teacher_metrics = {}
+
+    # ------------------------------------------------------------------ the loss
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = self.settings.weights
+        needs_hidden = weights.hidden > 0
+        needs_attention = weights.attention > 0
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            teacher_out = self.teacher(**inputs, output_hidden_states=needs_hidden, output_attentions=needs_attention)
+        student_out = self.engine(**inputs, output_hidden_states=needs_hidden, output_attentions=needs_attention)
+        masked = batch["labels"] != -100
+        positions = masked if self.settings.soft_targets == "masked" else batch["input_ids"] != PAD_ID
+        terms = {
+            "mlm_loss": mlm_loss(student_out.logits, batch["labels"]),
+            "soft_ce_loss": soft_cross_entropy(student_out.logits, teacher_out.logits, positions, self.settings.temperature),
+        }
+        total = weights.mlm * terms["mlm_loss"] + weights.soft_ce * terms["soft_ce_loss"]
+        if needs_hidden:
+            terms["hidden_loss"] = hidden_state_mse(
+                student_out.hidden_states,
+                teacher_out.hidden_states,
+                self.engine.module.projection,
+                self.layer_map,
+                batch["attention_mask"],
+            )
+            total = total + weights.hidden * terms["hidden_loss"]
+        if needs_attention:
+            terms["attention_loss"] = attention_mse(
+                student_out.attentions, teacher_out.attentions, self.layer_map, batch["attention_mask"]
+            )
+            total = total + weights.attention * terms["attention_loss"]
+        for name, value in terms.items():
+            self.term_sums[name] = self.term_sums.get(name, 0.0) + value.detach()
+        self.term_count += 1
+        return total
+
+    def loss_terms(self) -> dict[str, float]:
+        terms = {name: float(value) / max(self.term_count, 1) for name, value in self.term_sums.items()}
+        if terms:
+            terms = dict(zip(terms, self.all_reduce_mean(list(terms.values()))))
+        self.term_sums, self.term_count = {}, 0
+        return terms
+
+    # ------------------------------------------------------------------ evaluation and the teacher switch
+
+    def evaluate(self, heldout, batches: int, batch_size: int) -> dict[str, float]:
+        metrics = super().evaluate(heldout, batches, batch_size)
+        kind = id(heldout)
+        if kind not in self.teacher_metrics:
+            self.teacher_metrics[kind] = masked_lm_metrics(
+                self.teacher, heldout, batches, batch_size, self.vocab_size, self.mask_probability, self.seed, self.device
+            )
+        teacher = self.teacher_metrics[kind]
+        metrics["teacher_perplexity"] = teacher["perplexity"]
+        metrics["teacher_mask_fill_accuracy"] = teacher["mask_fill_accuracy"]
+        metrics["teacher_noun_mask_fill_accuracy"] = teacher["noun_mask_fill_accuracy"]
+        metrics["perplexity_gap"] = metrics["perplexity"] - teacher["perplexity"]
+        metrics["mask_fill_accuracy_gap"] = teacher["mask_fill_accuracy"] - metrics["mask_fill_accuracy"]
+        return metrics
+
+    def after_evaluation(self, metrics: dict) -> None:
+        metrics["teacher_index"] = self.teacher_index
+        switch = self.settings.switch
+        if switch is None or self.teacher_index + 1 >= len(self.teacher_paths):
+            if self.switch_step is not None:
+                metrics["teacher_switch_step"] = self.switch_step
+            return
+        if switch.metric not in metrics:
+            raise ValueError(f"distill switch metric {switch.metric!r} is not one of {sorted(metrics)}")
+        value = metrics[switch.metric]
+        lower_is_better = "loss" in switch.metric or "perplexity" in switch.metric  # accuracies rise
+        improved = self.best_metric is None or (
+            (self.best_metric - value if lower_is_better else value - self.best_metric) >= switch.min_delta
+        )
+        if improved:
+            self.best_metric, self.evaluations_without_gain = value, 0
+        else:
+            self.evaluations_without_gain += 1
+        plateau = self.evaluations_without_gain >= switch.patience
+        capped = switch.max_steps is not None and self.step >= switch.max_steps
+        if plateau or capped:
+            self.switch_step = self.step
+            logger.info("step %d: switching to teacher %s (%s)", self.step, self.teacher_paths[self.teacher_index + 1],
+                        "plateau" if plateau else "step cap")
+            self._switch_to(self.teacher_index + 1)
+            self.best_metric, self.evaluations_without_gain = None, 0
+            metrics["teacher_switch_step"] = self.switch_step
+
+    def extra_state(self) -> dict:
+        return {
+            "teacher_index": self.teacher_index,
+            "switch_step": self.switch_step,
+            "best_metric": self.best_metric,
+            "evaluations_without_gain": self.evaluations_without_gain,
+        }
+
+    def load_extra_state(self, state: dict) -> None:
+        if state.get("teacher_index", 0) != self.teacher_index:
+            self._switch_to(state["teacher_index"])
+        self.switch_step = state.get("switch_step")
+        self.best_metric = state.get("best_metric")
+        self.evaluations_without_gain = state.get("evaluations_without_gain", 0)
+
+
+# ---------------------------------------------------------------------- the stages
+
+
+def plan_distill_stages(config: Config, student: str, prepared: PreparedData, run_dir: Path) -> list[StagePlan]:
+    """The stages ``atm-ray distill --student intermediate|final`` runs, in order (planned one by one,
+    since each needs the one before it to have finished)."""
+    if student == "intermediate":
+        settings = config.distill.intermediate
+        teachers = {"teacher": "teacher_stage1", "teacher2": "teacher_stage2"} if settings.switch else {"teacher": "teacher_stage2"}
+        return [
+            make_plan(
+                config, prepared, run_dir, name="intermediate_distill", kind="distill", settings_key="distill.intermediate",
+                model=settings.student, train="written", replay="spoken", replay_fraction=settings.spoken_fraction,
+                upstream=teachers,
+            )
+        ]
+    settings = config.distill.final
+    return [
+        make_plan(
+            config, prepared, run_dir, name="final_distill", kind="distill", settings_key="distill.final",
+            model=settings.student, train="written", replay="spoken", replay_fraction=settings.spoken_fraction,
+            upstream={"teacher": "intermediate_continue"},
+        )
+    ]
+
+
+def plan_continuation(config: Config, prepared: PreparedData, run_dir: Path) -> StagePlan:
+    return make_plan(
+        config, prepared, run_dir, name="intermediate_continue", kind="mlm", settings_key="distill.continuation",
+        model=config.distill.intermediate.student, train="spoken", replay="written",
+        replay_fraction=config.distill.continuation.replay_fraction, upstream={"init_from": "intermediate_distill"},
+    )
+
+
+def run_distill(config: Config, student: str, run_dir: Path | None = None, use_ray: bool = True) -> list[StageResult]:
+    """``intermediate``: distillation then in-domain continuation; ``final``: the final distillation."""
+    if student not in ("intermediate", "final"):
+        raise ValueError(f"--student must be 'intermediate' or 'final', not {student!r}")
+    run_dir = Path(run_dir or config.resolved_run_dir())
+    prepared = prepare(config, run_dir)
+    runner = run_stage if use_ray else run_stage_local
+    results = [runner(config, plan, prepared) for plan in plan_distill_stages(config, student, prepared, run_dir)]
+    if student == "intermediate":
+        results.append(runner(config, plan_continuation(config, prepared, run_dir), prepared))
+    return results
