@@ -25,6 +25,16 @@ def _free_port() -> int:
 def ray_head(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("ray-head")
     port, dashboard_port = _free_port(), _free_port()
+    # every port of its own, so that another Ray on this machine (a developer's, a test's) cannot collide
+    own_ports = [
+        "--dashboard-agent-listen-port", str(_free_port()),
+        "--dashboard-agent-grpc-port", str(_free_port()),
+        "--metrics-export-port", str(_free_port()),
+        "--runtime-env-agent-port", str(_free_port()),
+        "--ray-client-server-port", str(_free_port()),
+        "--node-manager-port", str(_free_port()),
+        "--object-manager-port", str(_free_port()),
+    ]
     environment = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -35,7 +45,7 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
-         "--temp-dir", str(temp_dir), "--include-dashboard", "true"],
+         "--temp-dir", str(temp_dir), "--include-dashboard", "true", *own_ports],
         env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
