@@ -98,27 +98,20 @@ def write_shards(table: pa.Table, directory: Path, rows_per_shard: int) -> int:
 
 
 def tokenize_and_pack(records: list[dict], tokenizer, seq_len: int, num_proc: int) -> pa.Table:
-    dataset = datasets.Dataset.from_list(records) if records else None
-    if dataset is None:
+    if not records:
         return SHARD_SCHEMA.empty_table()
-    dataset = dataset.map(
-        tokenize_batch,
-        batched=True,
-        batch_size=1000,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=dataset.column_names,
-        fn_kwargs={"tokenizer": tokenizer},
-        desc="tokenise",
-    )
-    dataset = dataset.map(
-        pack_batch,
-        batched=True,
-        batch_size=1000,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=dataset.column_names,
-        fn_kwargs={"seq_len": seq_len},
-        desc="pack",
-    )
+    dataset = datasets.Dataset.from_list(records)
+    steps = ((tokenize_batch, {"tokenizer": tokenizer}, "tokenise"), (pack_batch, {"seq_len": seq_len}, "pack"))
+    for function, arguments, description in steps:
+        dataset = dataset.map(
+            function,
+            batched=True,
+            batch_size=1000,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=dataset.column_names,
+            fn_kwargs=arguments,
+            desc=description,
+        )
     return dataset.with_format("arrow")[:].cast(SHARD_SCHEMA)
 
 
