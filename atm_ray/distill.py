@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForMaskedLM
@@ -21,8 +22,10 @@ from atm_ray.config import Config, DistillStageConfig
 from atm_ray.engine import MlmTrainer, masked_lm_metrics
 from atm_ray.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
 from atm_ray.modeling import PAD_ID
-from atm_ray.prepare import PreparedData, prepare
-from atm_ray.stages import StagePlan, StageResult, make_plan, run_stage, run_stage_local
+
+if TYPE_CHECKING:  # the stage runner reads Parquet through `datasets`: not needed for the trainer itself
+    from atm_ray.prepare import PreparedData
+    from atm_ray.stages import StagePlan, StageResult
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +224,8 @@ class DistillTrainer(MlmTrainer):
 def plan_distill_stages(config: Config, student: str, prepared: PreparedData, run_dir: Path) -> list[StagePlan]:
     """The stages ``atm-ray distill --student intermediate|final`` runs, in order (planned one by one,
     since each needs the one before it to have finished)."""
+    from atm_ray.stages import make_plan
+
     if student == "intermediate":
         settings = config.distill.intermediate
         teachers = {"teacher": "teacher_stage1", "teacher2": "teacher_stage2"} if settings.switch else {"teacher": "teacher_stage2"}
@@ -242,6 +247,8 @@ def plan_distill_stages(config: Config, student: str, prepared: PreparedData, ru
 
 
 def plan_continuation(config: Config, prepared: PreparedData, run_dir: Path) -> StagePlan:
+    from atm_ray.stages import make_plan
+
     return make_plan(
         config, prepared, run_dir, name="intermediate_continue", kind="mlm", settings_key="distill.continuation",
         model=config.distill.intermediate.student, train="spoken", replay="written",
@@ -251,6 +258,9 @@ def plan_continuation(config: Config, prepared: PreparedData, run_dir: Path) -> 
 
 def run_distill(config: Config, student: str, run_dir: Path | None = None, use_ray: bool = True) -> list[StageResult]:
     """``intermediate``: distillation then in-domain continuation; ``final``: the final distillation."""
+    from atm_ray.prepare import prepare
+    from atm_ray.stages import run_stage, run_stage_local
+
     if student not in ("intermediate", "final"):
         raise ValueError(f"--student must be 'intermediate' or 'final', not {student!r}")
     run_dir = Path(run_dir or config.resolved_run_dir())
