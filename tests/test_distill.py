@@ -53,6 +53,8 @@ def test_intermediate_switches_teacher_on_plateau_then_continues(teachers, tmp_p
     history = _history(distilled.stage_dir)
     assert [entry["teacher_index"] for entry in history] == [0, 0, 1, 1]
     assert history[1]["teacher_switch_step"] == 6 and history[-1]["teacher_switch_step"] == 6
+    # regression: recorded on this CPU (seed 0, in-process, fp32)
+    assert [entry["train_loss"] for entry in history] == pytest.approx([16.5467, 16.2904, 16.0629, 15.8759], rel=2e-3)
     for entry in history:
         assert {"mlm_loss", "soft_ce_loss", "written/teacher_perplexity", "spoken/perplexity_gap"} <= set(entry)
     # the student learns from the Stage-2 teacher after the switch: its spoken perplexity is the one quoted
@@ -86,6 +88,8 @@ def test_final_student_distils_with_hidden_states(teachers, tmp_path):
     (final,) = run_distill(config, "final", use_ray=False)
     history = _history(final.stage_dir)
     assert [entry["step"] for entry in history] == [3, 6]
+    # regression: recorded on this CPU (seed 0, in-process, fp32)
+    assert [entry["train_loss"] for entry in history] == pytest.approx([17.9351, 17.6543], rel=2e-3)
     assert history[-1]["hidden_loss"] > 0 and history[-1]["soft_ce_loss"] > 0
     from transformers import AutoModelForMaskedLM
 
@@ -121,3 +125,24 @@ def test_distilled_student_beats_mlm_only_from_scratch(teachers, tmp_path):
         results[name] = _history(distilled.stage_dir)[-1]
     for kind in ("written", "spoken"):
         assert results["distilled"][f"{kind}/perplexity"] < results["mlm_only"][f"{kind}/perplexity"]
+
+
+def test_student_initialised_from_every_kth_teacher_layer():
+    import torch
+
+    from atm_ray.config import ModelShape
+    from atm_ray.distill import init_from_teacher_layers
+    from atm_ray.modeling import build_masked_lm
+
+    teacher = build_masked_lm(ModelShape(num_layers=4, hidden_size=32, num_heads=2, intermediate_size=64), 100, seed=1)
+    student = build_masked_lm(ModelShape(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64), 100, seed=2)
+    init_from_teacher_layers(student, teacher)
+    student_layers = student.roberta_prelayernorm.encoder.layer
+    teacher_layers = teacher.roberta_prelayernorm.encoder.layer
+    for student_index, teacher_index in ((0, 1), (1, 3)):  # layer map [0, 2, 4]: layers 2 and 4
+        for (name, value), (_, expected) in zip(student_layers[student_index].state_dict().items(), teacher_layers[teacher_index].state_dict().items()):
+            assert torch.equal(value, expected), name
+    assert torch.equal(student.roberta_prelayernorm.embeddings.word_embeddings.weight, teacher.roberta_prelayernorm.embeddings.word_embeddings.weight)
+    narrow = build_masked_lm(ModelShape(num_layers=2, hidden_size=16, num_heads=2, intermediate_size=64), 100)
+    with pytest.raises(ValueError, match="equal widths"):
+        init_from_teacher_layers(narrow, teacher)
