@@ -25,7 +25,6 @@ import torch
 
 from atm_ray.config import EngineConfig
 from atm_ray.mlm import IGNORE_INDEX, MaskingCollator
-from atm_ray.modeling import PAD_ID
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from atm_ray.engine import init_single_process_group, parameter_groups, warmup_l
 from atm_ray.losses import hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map  # noqa: E402
 from atm_ray.mlm import MaskingCollator  # noqa: E402
 from atm_ray.modeling import build_masked_lm  # noqa: E402
-from train_throughput import _device, _free, batches, make_rows, synchronize  # noqa: E402
+from train_throughput import _device, _free, batches, make_rows, timed_rate  # noqa: E402
 
 
 def plain_pytorch(args, settings, teacher_dir: str, student_shape, vocab: int) -> float:
@@ -53,11 +52,8 @@ def plain_pytorch(args, settings, teacher_dir: str, student_shape, vocab: int) -
     collator = MaskingCollator(vocab, seed=0)
     autocast = args.precision in ("bf16", "autocast_bf16")
     stream = batches(make_rows(256, args.seq, vocab), args.batch)
-    samples, started = 0, 0.0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            synchronize()
-            samples, started = 0, time.perf_counter()
+
+    def step() -> int:
         batch = {name: tensor.to(device, non_blocking=True) for name, tensor in collator(next(stream)).items()}
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -78,9 +74,9 @@ def plain_pytorch(args, settings, teacher_dir: str, student_shape, vocab: int) -
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        samples += args.batch
-    synchronize()
-    return samples / (time.perf_counter() - started)
+        return args.batch
+
+    return timed_rate(args, step)
 
 
 def engine_loop(args, settings, teacher_dir: str, student_shape, vocab: int) -> float:
@@ -88,15 +84,12 @@ def engine_loop(args, settings, teacher_dir: str, student_shape, vocab: int) -> 
         student = build_masked_lm(student_shape, vocab, seed=0)
     trainer = DistillTrainer(student, settings, [teacher_dir], vocab)
     stream = batches(make_rows(256, args.seq, vocab), args.batch)
-    samples, started = 0, 0.0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            synchronize()
-            samples, started = 0, time.perf_counter()
+
+    def step() -> int:
         trainer.train_step([next(stream)])
-        samples += args.batch
-    synchronize()
-    rate = samples / (time.perf_counter() - started)
+        return args.batch
+
+    rate = timed_rate(args, step)
     trainer.engine.destroy()
     return rate
 

@@ -59,6 +59,19 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def timed_rate(args, step) -> float:
+    """Units per second of ``step()`` (which returns how many units it processed) over ``args.steps``
+    calls after ``args.warmup`` untimed ones."""
+    units, started = 0, 0.0
+    for index in range(args.warmup + args.steps):
+        if index == args.warmup:
+            synchronize()
+            units, started = 0, time.perf_counter()
+        units += step()
+    synchronize()
+    return units / (time.perf_counter() - started)
+
+
 def plain_pytorch(args, shape, vocab: int, precision: str, optimizer_name: str) -> float:
     device = _device()
     with device:  # initialise on the GPU: a 2.3B model takes a minute to initialise on the CPU
@@ -70,13 +83,10 @@ def plain_pytorch(args, shape, vocab: int, precision: str, optimizer_name: str) 
     collator = MaskingCollator(vocab, seed=0)
     autocast = precision in ("bf16", "autocast_bf16")
     stream = batches(make_rows(256, args.seq, vocab), args.batch)
-    tokens, started = 0, 0.0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            synchronize()
-            tokens, started = 0, time.perf_counter()
+
+    def step() -> int:
         batch = collator(next(stream))
-        tokens += int(batch["attention_mask"].sum())  # on the CPU, as the engine counts
+        tokens = int(batch["attention_mask"].sum())  # on the CPU, as the engine counts
         batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(**batch).loss
@@ -85,10 +95,9 @@ def plain_pytorch(args, shape, vocab: int, precision: str, optimizer_name: str) 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    synchronize()
-    rate = tokens / (time.perf_counter() - started)
-    del model, optimizer
-    return rate
+        return tokens
+
+    return timed_rate(args, step)
 
 
 def engine_loop(args, shape, vocab: int, precision: str, optimizer_name: str, zero: int) -> float:
@@ -104,16 +113,8 @@ def engine_loop(args, shape, vocab: int, precision: str, optimizer_name: str, ze
         model = build_masked_lm(shape, vocab, seed=0)
     trainer = MlmTrainer(model, engine_config, total_steps=10_000, vocab_size=vocab)
     stream = batches(make_rows(256, args.seq, vocab), args.batch)
-    tokens, started = 0, 0.0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            synchronize()
-            tokens, started = 0, time.perf_counter()
-        tokens += trainer.train_step([next(stream)])[1]
-    synchronize()
-    rate = tokens / (time.perf_counter() - started)
+    rate = timed_rate(args, lambda: trainer.train_step([next(stream)])[1])
     trainer.engine.destroy()
-    del trainer
     return rate
 
 
