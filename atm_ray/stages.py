@@ -188,8 +188,9 @@ def build_trainer(config: Config, plan: StagePlan) -> tuple[MlmTrainer, float]:
     return trainer, parameter_checksum(getattr(trainer.engine.module, "student", trainer.engine.module))
 
 
-def heldout_rows(plan: StagePlan, stage: StageConfig, eval_batch_size: int) -> dict[str, dict[str, np.ndarray]]:
-    limit = stage.eval_batches * eval_batch_size
+def heldout_rows(plan: StagePlan, stage: StageConfig) -> dict[str, dict[str, np.ndarray]]:
+    """The held-out rows every evaluation scores (the same ones each time)."""
+    limit = stage.eval_batches * LoopSettings.eval_batch_size
     rows = {}
     for kind, directory in plan.heldout_dirs.items():
         columns = read_rows(directory)
@@ -343,7 +344,7 @@ def run_stage(config: Config, plan: StagePlan, prepared: PreparedData) -> StageR
             "plan": asdict(plan),
             "train_shards": train_shards,
             "replay_shards": replay_shards,
-            "heldout": heldout_rows(plan, settings, LoopSettings.eval_batch_size),
+            "heldout": heldout_rows(plan, settings),
             "fail": _fail_settings(plan.stage_dir),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu, resources_per_worker=resources),
@@ -432,7 +433,7 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
     run_training(
         trainer,
         mixed(batches, replay),
-        heldout_rows(plan, settings, LoopSettings.eval_batch_size),
+        heldout_rows(plan, settings),
         loop_settings(config, plan, initial_checksum, _fail_settings(plan.stage_dir)),
         report,
         checkpoint_dir,
