@@ -117,6 +117,11 @@ class DistillTrainer(MlmTrainer):
     # ------------------------------------------------------------------ the loss
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # under autocast_bf16 the losses run in autocast too, as a plain PyTorch loop would write them
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.engine_config.precision == "autocast_bf16"):
+            return self._distillation_loss(batch)
+
+    def _distillation_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = self.settings.weights
         needs_hidden = weights.hidden > 0
         needs_attention = weights.attention > 0

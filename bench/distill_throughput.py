@@ -33,6 +33,21 @@ from atm_ray.modeling import build_masked_lm  # noqa: E402
 from train_throughput import _device, _free, batches, make_rows, timed_rate  # noqa: E402
 
 
+def measure(args, step, label: str) -> float:
+    """Samples/s of ``step``; with ``--profile``, also the GPU kernels of a few more steps."""
+    rate = timed_rate(args, step)
+    if args.profile and torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(f"--- {label}: 3 steps", flush=True)
+        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    return rate
+
+
 def plain_pytorch(args, settings, teacher_dir: str, student_shape, vocab: int) -> float:
     device = _device()
     from transformers import AutoModelForMaskedLM
@@ -76,7 +91,7 @@ def plain_pytorch(args, settings, teacher_dir: str, student_shape, vocab: int) -
         optimizer.zero_grad(set_to_none=True)
         return args.batch
 
-    return timed_rate(args, step)
+    return measure(args, step, "plain PyTorch")
 
 
 def engine_loop(args, settings, teacher_dir: str, student_shape, vocab: int) -> float:
@@ -89,7 +104,7 @@ def engine_loop(args, settings, teacher_dir: str, student_shape, vocab: int) -> 
         trainer.train_step([next(stream)])
         return args.batch
 
-    rate = timed_rate(args, step)
+    rate = measure(args, step, "engine")
     trainer.engine.destroy()
     return rate
 
@@ -106,6 +121,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "autocast_bf16"])
     parser.add_argument("--optimizer", default="torch_adamw", choices=["torch_adamw", "torch_fused_adamw"])
+    parser.add_argument("--profile", action="store_true", help="print the GPU kernels of 3 steps of each loop")
     args = parser.parse_args()
 
     config = load_config(args.preset)
