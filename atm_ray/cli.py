@@ -4,6 +4,8 @@
     atm-ray prepare --preset tiny [key.sub=value ...]
     atm-ray pretrain --stage 1 --preset tiny
     atm-ray distill --student intermediate --preset tiny
+    atm-ray finetune --preset tiny [--model DIR | --scratch] [--data FORMAT:PATH ...] [--freeze-encoder]
+    atm-ray evaluate --models scratch=DIR pipeline=DIR [--data FORMAT:PATH] [--baseline scratch]
     atm-ray pipeline --preset tiny
 """
 
@@ -68,6 +70,49 @@ def command_distill(args) -> None:
         print(result.summary())
 
 
+def _finetune_config(args):
+    from atm_ray.finetune import with_data_arguments
+
+    config = _config(args)
+    config.finetune = with_data_arguments(config.finetune, args.data, args.dev, args.test, config.data.root)
+    if getattr(args, "freeze_encoder", False):
+        config.finetune.freeze_encoder = True
+    return config
+
+
+def command_finetune(args) -> None:
+    from atm_ray.finetune import format_summary, run_finetune
+
+    config = _finetune_config(args)
+    name = args.name or ("finetune_scratch" if args.scratch else "finetune_student") + ("_frozen" if args.freeze_encoder else "")
+    print(format_summary(run_finetune(config, args.model, scratch=args.scratch, name=name, use_ray=not args.no_ray)))
+
+
+def command_evaluate(args) -> None:
+    from atm_ray.evaluate import compare_models, comparison_report, write_comparison
+    from atm_ray.finetune import load_nlu_data, read_sources
+
+    config = _finetune_config(args)
+    models = {}
+    for item in args.models:
+        name, equals, directory = item.partition("=")
+        if not equals or not name or not directory:
+            raise ConfigError(f"--models {item!r} is not NAME=DIR")
+        models[name] = Path(directory)
+    if args.data or args.test:
+        sources = config.finetune.test or config.finetune.train
+        records, _ = read_sources(sources, config.data.root, config.data.strict)
+        description = ", ".join(f"{source.format}:{source.path}" for source in sources)
+    else:
+        records = load_nlu_data(config.finetune, config.data.root, config.data.strict, config.seed).test
+        description = f"the test split of preset {config.name}"
+    result = compare_models(models, records, args.baseline)
+    print(comparison_report(result, description))
+    output = args.output or config.resolved_run_dir() / "evaluation"
+    markdown, json_path = write_comparison(result, output, description)
+    print(f"written: {markdown}, {json_path}")
+
+
 def command_pipeline(args) -> None:
     from atm_ray.pipeline import run_pipeline
 
@@ -107,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     distill_parser.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
     distill_parser.set_defaults(handler=command_distill)
 
+    def add_data_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--data", action="append", default=[], metavar="FORMAT:PATH",
+                         help="labelled data (repeatable; a JointBERT folder with train/dev/test gives all three splits)")
+        sub.add_argument("--dev", action="append", default=[], metavar="FORMAT:PATH")
+        sub.add_argument("--test", action="append", default=[], metavar="FORMAT:PATH")
+
+    finetune_parser = commands.add_parser("finetune", help="joint intent + slot fine-tuning on Ray Train")
+    _add_common(finetune_parser)
+    finetune_parser.add_argument("--model", type=Path, default=None, help="encoder folder (default: the run's final student)")
+    finetune_parser.add_argument("--scratch", action="store_true", help="the same architecture from random weights (the baseline)")
+    finetune_parser.add_argument("--name", default=None, help="stage folder name under the run folder")
+    finetune_parser.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
+    finetune_parser.add_argument("--freeze-encoder", action="store_true", help="train the heads only")
+    add_data_arguments(finetune_parser)
+    finetune_parser.set_defaults(handler=command_finetune)
+
+    evaluate_parser = commands.add_parser("evaluate", help="score fine-tuned models and compare them with a baseline")
+    _add_common(evaluate_parser)
+    evaluate_parser.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR")
+    evaluate_parser.add_argument("--baseline", default=None, help="the model others are compared with (default: the first)")
+    evaluate_parser.add_argument("--output", type=Path, default=None, help="folder for comparison.md/json (default: <run>/evaluation)")
+    add_data_arguments(evaluate_parser)
+    evaluate_parser.set_defaults(handler=command_evaluate)
+
     pipeline_parser = commands.add_parser("pipeline", help="every stage, skipping those already done")
     _add_common(pipeline_parser)
     pipeline_parser.set_defaults(handler=command_pipeline)
@@ -121,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.handler(args)
-    except (ConfigError, DataFormatError, FileNotFoundError) as error:
+    except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as error:
+        if args.verbose:
+            raise
         print(f"atm-ray: error: {error}", file=sys.stderr)
         return 2
     return 0

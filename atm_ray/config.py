@@ -63,6 +63,15 @@ class CorpusConfig(Strict):
     spoken_form: bool = False
 
 
+class NluSource(Strict):
+    """One labelled intent/slot file or folder (paths as in ``Source``)."""
+
+    format: NluFormat
+    path: str
+    lang: str | None = None
+    max_records: int | None = Field(default=None, gt=0)
+
+
 class DataConfig(Strict):
     root: str = "../shared/data"
     written: CorpusConfig
@@ -152,6 +161,29 @@ class ClusterConfig(Strict):
     storage_path: str | None = None
 
 
+class FinetuneConfig(Strict):
+    """Joint intent classification + slot filling on labelled data (the pipeline's last training stage)."""
+
+    train: list[NluSource] = Field(min_length=1)
+    # Empty dev or test: that share of the training records is held out instead (seeded).
+    dev: list[NluSource] = Field(default_factory=list)
+    test: list[NluSource] = Field(default_factory=list)
+    dev_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    max_seq_len: int = Field(default=64, gt=4)
+    max_epochs: int = Field(default=10, gt=0)
+    # early stopping: evaluations on dev without a gain in exact match before training stops
+    patience: int = Field(default=3, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
+    slot_loss_weight: float = Field(default=1.0, ge=0)
+    head_dropout: float = Field(default=0.1, ge=0, lt=1)
+    freeze_encoder: bool = False
+    num_workers: int = Field(default=1, gt=0)
+
+
 class PretrainConfig(Strict):
     model: str = "teacher"
     mask_probability: float = Field(default=0.15, gt=0, lt=1)
@@ -168,6 +200,7 @@ class Config(Strict):
     models: dict[str, ModelShape]
     pretrain: PretrainConfig
     distill: DistillConfig
+    finetune: FinetuneConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")

@@ -1,0 +1,569 @@
+"""Fine-tuning for joint intent classification + slot filling, under Ray Train (or in this process).
+
+Labelled records are read with the readers of ``atm_ray.data.readers``; label maps come from the training
+split; records are encoded on the driver and handed to the workers through Ray Data. Each worker runs the
+plain PyTorch loop ``fit`` (DistributedDataParallel through ``ray.train.torch.prepare_model``), evaluates
+exact match on dev after every epoch, stops early after ``patience`` epochs without a gain and keeps the
+best weights. The stage folder gets ``export/`` (``save_pretrained`` + tokenizer + model card), dev and
+test scores, and a manifest.
+
+The scratch baseline is the same architecture from random weights: ``scratch=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atm_ray.config import Config, FinetuneConfig, NluSource
+from atm_ray.data import files
+from atm_ray.data.readers import NLU_READERS, read_nlu
+from atm_ray.engine import EXPORT_DIR, parameter_groups, warmup_linear_decay
+from atm_ray.nlu import (
+    RobertaPreLayerNormForIntentAndSlots,
+    all_lowercase,
+    build_joint_model,
+    encode_records,
+    label_maps,
+    predict_words,
+)
+from atm_ray.nlu_metrics import nlu_scores
+from atm_ray.utils import atomic_write_json, atomic_write_text, read_json
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "finetune_state.pt"
+
+
+# ---------------------------------------------------------------------- data
+
+
+def parse_data_argument(text: str) -> NluSource:
+    """``FORMAT:PATH`` from the command line; a JointBERT folder with ``train/``, ``dev/`` and ``test/``
+    inside stands for its training split (see ``split_sources``)."""
+    source_format, colon, path = text.partition(":")
+    if not colon or not path:
+        raise ValueError(f"--data {text!r} is not FORMAT:PATH (e.g. jointbert:data/snips/train)")
+    if source_format not in NLU_READERS:
+        raise ValueError(f"--data {text!r}: unknown format {source_format!r}; one of {sorted(NLU_READERS)}")
+    if not path.startswith(files.BUNDLED_PREFIX) and "://" not in path:
+        path = str(Path(path).resolve())  # relative to where the command runs, not to data.root
+    return NluSource(format=source_format, path=path)
+
+
+def with_data_arguments(settings: FinetuneConfig, data: list[str], dev: list[str], test: list[str], root: str) -> FinetuneConfig:
+    """``settings`` with the splits given on the command line (``FORMAT:PATH`` each) in place of the preset's."""
+    update: dict[str, list[NluSource]] = {}
+    if data:
+        splits = split_sources([parse_data_argument(text) for text in data], root)
+        update = {"train": splits["train"], "dev": splits["dev"], "test": splits["test"]}
+    if dev:
+        update["dev"] = [parse_data_argument(text) for text in dev]
+    if test:
+        update["test"] = [parse_data_argument(text) for text in test]
+    return settings.model_copy(update=update)
+
+
+def split_sources(sources: list[NluSource], root: str) -> dict[str, list[NluSource]]:
+    """Expand JointBERT dataset folders (``train/ dev/ test/`` inside) into their three splits; any other
+    source is training data."""
+    splits: dict[str, list[NluSource]] = {"train": [], "dev": [], "test": []}
+    for source in sources:
+        location = files.resolve(source.path, root)
+        if source.format == "jointbert" and files.exists(files.join(location, "train/seq.in")):
+            for split in splits:
+                if files.exists(files.join(location, f"{split}/seq.in")):
+                    splits[split].append(source.model_copy(update={"path": files.join(source.path, split)}))
+        else:
+            splits["train"].append(source)
+    return splits
+
+
+def read_sources(sources: list[NluSource], root: str, strict: bool) -> tuple[list[dict], list[str]]:
+    records, reports = [], []
+    for source in sources:
+        read, report = read_nlu(source.format, files.resolve(source.path, root), source.lang, strict, source.max_records)
+        records.extend(read)
+        reports.append(report.summary())
+    return records, reports
+
+
+@dataclass
+class NluData:
+    train: list[dict]
+    dev: list[dict]
+    test: list[dict]
+    reports: list[str] = field(default_factory=list)
+
+
+def load_nlu_data(settings: FinetuneConfig, root: str, strict: bool, seed: int) -> NluData:
+    """Train, dev and test records; a missing dev or test split is cut from the shuffled training records."""
+    train, reports = read_sources(settings.train, root, strict)
+    if not train:
+        raise ValueError("finetune.train: no labelled records read")
+    random.Random(seed).shuffle(train)
+    held_out = {}
+    for split, fraction in (("test", settings.test_fraction), ("dev", settings.dev_fraction)):
+        sources = getattr(settings, split)
+        if sources:
+            held_out[split], split_reports = read_sources(sources, root, strict)
+            reports += split_reports
+        else:
+            cut = max(1, int(len(train) * fraction))
+            held_out[split], train = train[:cut], train[cut:]
+            reports.append(f"{split}: {cut} records held out of finetune.train")
+    return NluData(train, held_out["dev"], held_out["test"], reports)
+
+
+# ---------------------------------------------------------------------- the loop (no Ray)
+
+
+class NluTrainer:
+    """The joint model, its optimiser and schedule, and the early-stopping state."""
+
+    def __init__(self, model: RobertaPreLayerNormForIntentAndSlots, settings: FinetuneConfig, steps_per_epoch: int):
+        self.model = model
+        self.settings = settings
+        if settings.freeze_encoder:
+            for parameter in model.encoder_parameters():
+                parameter.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(model, settings.weight_decay), lr=settings.learning_rate, betas=(0.9, 0.98), eps=1e-6
+        )
+        total = max(1, steps_per_epoch * settings.max_epochs)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_linear_decay(int(settings.warmup_fraction * total), total)
+        )
+        self.epoch = 0
+        self.best_exact_match = -1.0
+        self.best_epoch = 0
+        self.epochs_without_gain = 0
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.history: list[dict] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.settings.max_epochs or self.epochs_without_gain >= self.settings.patience
+
+    def train_epoch(self, forward: torch.nn.Module, batches, device: torch.device) -> dict[str, float]:
+        forward.train()
+        sums = torch.zeros(3, dtype=torch.float64)
+        count = 0
+        for batch in batches:
+            batch = {name: torch.as_tensor(value).to(device) for name, value in batch.items()}
+            output = forward(**batch)
+            output.loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            sums += torch.tensor([output.loss.item(), output.intent_loss.item(), output.slot_loss.item()], dtype=torch.float64)
+            count += 1
+        self.epoch += 1
+        mean = (sums / max(count, 1)).tolist()
+        return {"train_loss": mean[0], "train_intent_loss": mean[1], "train_slot_loss": mean[2], "train_batches": count}
+
+    def evaluate(self, records: list[dict], tokenizer) -> dict:
+        predictions = predict_words(self.model, tokenizer, [record["tokens"] for record in records])
+        self.model.train()
+        return nlu_scores(records, predictions)
+
+    def after_evaluation(self, metrics: dict) -> None:
+        """Early stopping on dev exact match; the best weights are kept."""
+        if metrics["dev/exact_match"] > self.best_exact_match:
+            self.best_exact_match, self.best_epoch, self.epochs_without_gain = metrics["dev/exact_match"], self.epoch, 0
+            self.best_weights = {name: value.detach().cpu().clone() for name, value in self.model.state_dict().items()}
+        else:
+            self.epochs_without_gain += 1
+        metrics.update(best_epoch=self.best_epoch, best_dev_exact_match=self.best_exact_match)
+        self.history.append(metrics)
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "best_exact_match": self.best_exact_match,
+            "best_epoch": self.best_epoch,
+            "epochs_without_gain": self.epochs_without_gain,
+            "best_weights": self.best_weights,
+            "history": self.history,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for name in ("epoch", "best_exact_match", "best_epoch", "epochs_without_gain", "best_weights", "history"):
+            setattr(self, name, state[name])
+        torch.set_rng_state(state["torch_rng"])
+
+    def export(self, directory: str | Path, tokenizer) -> None:
+        """``save_pretrained`` of the best weights (the last ones if none was better) with the tokenizer."""
+        best = copy.deepcopy(self.model).cpu()
+        if self.best_weights is not None:
+            best.load_state_dict(self.best_weights)
+        for parameter in best.parameters():
+            parameter.requires_grad_(True)  # frozen or not, the export is a normal model
+        best.save_pretrained(str(directory), safe_serialization=True)
+        tokenizer.save_pretrained(str(directory))
+
+
+def fit(
+    trainer: NluTrainer,
+    forward: torch.nn.Module,
+    epoch_batches: Callable[[int], Iterator[dict]],
+    dev: list[dict],
+    tokenizer,
+    device: torch.device,
+    report: Callable[[dict, NluTrainer], None],
+) -> None:
+    """Epochs until ``max_epochs`` or early stopping; ``report(metrics, trainer)`` after each one."""
+    while not trainer.finished:
+        metrics = {"epoch": trainer.epoch + 1, **trainer.train_epoch(forward, epoch_batches(trainer.epoch), device)}
+        metrics["learning_rate"] = trainer.scheduler.get_last_lr()[0]
+        scores = trainer.evaluate(dev, tokenizer)
+        metrics.update({f"dev/{name}": value for name, value in scores.items() if name != "by_lang"})
+        trainer.after_evaluation(metrics)
+        report(metrics, trainer)
+
+
+# ---------------------------------------------------------------------- the stage
+
+
+@dataclass
+class FinetunePlan:
+    name: str
+    stage_dir: str
+    encoder_dir: str  # the parent model (a masked-LM export); its architecture only when scratch
+    scratch: bool
+    config_hash: str
+    intent_labels: list[str]
+    slot_labels: list[str]
+    lowercase: bool
+    parent: str  # what the model card names as the parent
+
+
+def plan_finetune(config: Config, data: NluData, encoder_dir: Path, name: str, scratch: bool, run_dir: Path) -> FinetunePlan:
+    settings = config.finetune
+    if not (encoder_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{encoder_dir}: no config.json; run the stage that exports it first (or pass --model)")
+    if not (encoder_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{encoder_dir}: no tokenizer.json beside the model")
+    intent_labels, slot_labels = label_maps(data.train)
+    parent_manifest = encoder_dir.parent / "manifest.json"
+    parent_hash = read_json(parent_manifest)["config_hash"] if parent_manifest.is_file() else str(encoder_dir.resolve())
+    sections = {
+        "settings": settings.model_dump(mode="json"),
+        "root": config.data.root,
+        "seed": config.seed,
+        "parent": parent_hash,
+        "scratch": scratch,
+        "workers": settings.num_workers,
+        "train_records": len(data.train),
+    }
+    return FinetunePlan(
+        name=name,
+        stage_dir=str((run_dir / name).resolve()),
+        encoder_dir=str(encoder_dir.resolve()),
+        scratch=scratch,
+        config_hash=hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16],
+        intent_labels=intent_labels,
+        slot_labels=slot_labels,
+        lowercase=all_lowercase(data.train),
+        parent=f"random initialisation, architecture of {encoder_dir}" if scratch else str(encoder_dir.resolve()),
+    )
+
+
+def build_nlu_trainer(config: Config, plan: FinetunePlan, steps_per_epoch: int) -> NluTrainer:
+    settings = config.finetune
+    model = build_joint_model(
+        plan.encoder_dir,
+        plan.intent_labels,
+        plan.slot_labels,
+        slot_loss_weight=settings.slot_loss_weight,
+        head_dropout=settings.head_dropout,
+        lowercase=plan.lowercase,
+        scratch=plan.scratch,
+        seed=config.seed,
+    )
+    return NluTrainer(model, settings, steps_per_epoch)
+
+
+def _steps_per_epoch(rows: int, settings: FinetuneConfig) -> int:
+    per_worker = rows // settings.num_workers
+    return max(1, -(-per_worker // settings.batch_size))
+
+
+def _save_state(directory: str, trainer: NluTrainer, tokenizer) -> None:
+    torch.save(trainer.state(), Path(directory) / STATE_FILE)
+    if trainer.finished:
+        trainer.export(Path(directory) / EXPORT_DIR, tokenizer)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's per-worker function."""
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoTokenizer
+
+    config = Config.model_validate(loop_config["config"])
+    plan = FinetunePlan(**loop_config["plan"])
+    settings = config.finetune
+    torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
+    rank = ray.train.get_context().get_world_rank()
+    tokenizer = AutoTokenizer.from_pretrained(plan.encoder_dir)
+    trainer = build_nlu_trainer(config, plan, _steps_per_epoch(loop_config["train_rows"], settings))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trainer.load_state(torch.load(Path(directory) / STATE_FILE, weights_only=False))
+        logger.info("rank %d resumed after epoch %d", rank, trainer.epoch)
+    forward = ray.train.torch.prepare_model(trainer.model)
+    shard = ray.train.get_dataset_shard("train")
+
+    def epoch_batches(epoch: int):
+        return shard.iter_batches(
+            batch_size=settings.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=8 * settings.batch_size,
+            local_shuffle_seed=config.seed + epoch,
+        )
+
+    def report(metrics: dict, trainer: NluTrainer) -> None:
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="atm-ray-finetune-") as directory:
+            _save_state(directory, trainer, tokenizer)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    fit(trainer, forward, epoch_batches, loop_config["dev"], tokenizer, ray.train.torch.get_device(), report)
+
+
+def _records_dataset(encoded: dict[str, np.ndarray]):
+    import ray.data
+
+    return ray.data.from_items([{name: array[row] for name, array in encoded.items()} for row in range(len(encoded["intent_labels"]))])
+
+
+def _encoded(plan: FinetunePlan, records: list[dict], max_seq_len: int) -> dict[str, np.ndarray]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(plan.encoder_dir)
+    return encode_records(tokenizer, records, plan.intent_labels, plan.slot_labels, max_seq_len, plan.lowercase)
+
+
+def _up_to_date(plan: FinetunePlan) -> dict | None:
+    manifest = Path(plan.stage_dir) / "manifest.json"
+    if manifest.is_file() and read_json(manifest).get("config_hash") == plan.config_hash:
+        return read_json(manifest)
+    return None
+
+
+def run_finetune_stage(config: Config, plan: FinetunePlan, data: NluData, use_ray: bool = True) -> dict:
+    """Run (or resume, or skip when finished) one fine-tuning stage; returns its manifest."""
+    done = _up_to_date(plan)
+    if done:
+        logger.info("%s: up to date in %s", plan.name, plan.stage_dir)
+        return done
+    stage_dir = Path(plan.stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    settings = config.finetune
+    encoded = _encoded(plan, data.train, settings.max_seq_len)
+    print(
+        f"[{plan.name}] {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test utterances, "
+        f"{len(plan.intent_labels) - 1} intents, {len(plan.slot_labels) - 1} slot tags, "
+        f"{'scratch' if plan.scratch else 'from ' + plan.encoder_dir}{', frozen encoder' if settings.freeze_encoder else ''}",
+        flush=True,
+    )
+    if not use_ray:
+        return _finish(config, plan, data, _fit_here(config, plan, data, encoded))
+    result = _fit_with_ray(config, plan, data, encoded)
+    with result.checkpoint.as_directory() as directory:
+        return _finish(config, plan, data, Path(directory))
+
+
+def _fit_with_ray(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[str, np.ndarray]):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from atm_ray.stages import init_ray
+
+    cluster = config.cluster
+    init_ray(cluster.address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker or 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "plan": asdict(plan),
+            "dev": data.dev,
+            "train_rows": len(data.train),
+        },
+        datasets={"train": _records_dataset(encoded)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.finetune.num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{config.name}-{plan.name}-{plan.config_hash}",
+            storage_path=cluster.storage_path or str(Path(plan.stage_dir) / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[str, np.ndarray]) -> Path:
+    """The same loop in this process: checkpoints under ``<stage>/checkpoints/latest`` after each epoch."""
+    from transformers import AutoTokenizer
+
+    settings = config.finetune
+    tokenizer = AutoTokenizer.from_pretrained(plan.encoder_dir)
+    trainer = build_nlu_trainer(config, plan, _steps_per_epoch(len(data.train), settings))
+    latest = Path(plan.stage_dir) / "checkpoints" / "latest"
+    if (latest / STATE_FILE).is_file():
+        trainer.load_state(torch.load(latest / STATE_FILE, weights_only=False))
+    rows = len(encoded["intent_labels"])
+
+    def epoch_batches(epoch: int):
+        order = np.random.default_rng(config.seed + epoch).permutation(rows)
+        for start in range(0, rows, settings.batch_size):
+            picked = order[start : start + settings.batch_size]
+            yield {name: array[picked] for name, array in encoded.items()}
+
+    def report(metrics: dict, trainer: NluTrainer) -> None:
+        partial = latest.parent / ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        _save_state(str(partial), trainer, tokenizer)
+        shutil.rmtree(latest, ignore_errors=True)
+        partial.replace(latest)
+        logger.info("%s epoch %d: %s", plan.name, metrics["epoch"], _headline(metrics, "dev/"))
+
+    fit(trainer, trainer.model, epoch_batches, data.dev, tokenizer, torch.device("cpu"), report)
+    return latest
+
+
+def format_summary(manifest: dict) -> str:
+    """What a finished fine-tuning stage prints: where its export is, its dev and test scores."""
+    metrics = manifest["metrics"]
+    lines = [f"{manifest['stage']}: export in {manifest['outputs']['export']} (best epoch {metrics['best_epoch']})"]
+    lines += [f"  {split}: {_headline(metrics, split + '/')}" for split in ("dev", "test")]
+    return "\n".join(lines)
+
+
+def _headline(metrics: dict, prefix: str) -> str:
+    return ", ".join(f"{name} {metrics[prefix + name]:.4f}" for name in ("intent_accuracy", "slot_f1", "exact_match"))
+
+
+def _finish(config: Config, plan: FinetunePlan, data: NluData, final_checkpoint: Path) -> dict:
+    """Export, dev/test scores, model card and manifest from the final checkpoint."""
+    from atm_ray.nlu import Parser
+
+    stage_dir = Path(plan.stage_dir)
+    export_dir = stage_dir / EXPORT_DIR
+    partial = stage_dir / f".{EXPORT_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(final_checkpoint / EXPORT_DIR, partial)
+    history = torch.load(final_checkpoint / STATE_FILE, weights_only=False)["history"]
+    test = nlu_scores(data.test, Parser(partial).predict([record["tokens"] for record in data.test]))
+    best = max(history, key=lambda metrics: metrics["dev/exact_match"])
+    atomic_write_text(partial / "README.md", model_card(config, plan, data, best, test))
+    shutil.rmtree(export_dir, ignore_errors=True)
+    partial.replace(export_dir)
+    atomic_write_json(stage_dir / "metrics.json", history)
+    atomic_write_json(stage_dir / "test_scores.json", test)
+    manifest = {
+        "stage": plan.name,
+        "config_hash": plan.config_hash,
+        "inputs": {"parent": plan.parent, "train_records": len(data.train), "sources": data.reports},
+        "outputs": {"export": str(export_dir)},
+        "metrics": {
+            "best_epoch": best["epoch"],
+            "epochs": len(history),
+            **{key: value for key, value in best.items() if key.startswith("dev/")},
+            **{f"test/{name}": value for name, value in test.items() if name != "by_lang"},
+        },
+    }
+    atomic_write_json(stage_dir / "manifest.json", manifest)
+    return manifest
+
+
+def model_card(config: Config, plan: FinetunePlan, data: NluData, best: dict, test: dict) -> str:
+    settings = config.finetune
+    sources = "\n".join(f"- {line}" for line in data.reports)
+    by_lang = "\n".join(
+        f"| {lang} | {scores['count']} | {100 * scores['intent_accuracy']:.2f} | {100 * scores['slot_f1']:.2f} | "
+        f"{100 * scores['exact_match']:.2f} |"
+        for lang, scores in test["by_lang"].items()
+    )
+    return f"""# atm-ray joint intent + slot model ({plan.name})
+
+A pre-LayerNorm RoBERTa encoder with an intent head (first token) and a slot head (first sub-word of
+each word), fine-tuned by atm-ray (preset `{config.name}`). Load it with
+`atm_ray.nlu.Parser("{plan.name}/export").parse(["set an alarm for 7 am"])`.
+
+## Parent model
+{plan.parent}
+
+## Data
+{sources}
+
+{len(plan.intent_labels) - 1} intents and {len(plan.slot_labels) - 1} slot tags from the training split
+(labels seen only in dev/test map to `<unknown>`); text lower-cased: {plan.lowercase}.
+
+## Training
+{"frozen encoder (heads only)" if settings.freeze_encoder else "full fine-tuning"}; learning rate
+{settings.learning_rate}, batch {settings.batch_size} per worker × {settings.num_workers} workers, slot loss
+weight {settings.slot_loss_weight}, early stopping on dev exact match (patience {settings.patience});
+best epoch {best["epoch"]} of {settings.max_epochs}.
+
+## Metrics
+| split | intent accuracy | slot F1 | exact match |
+|---|---:|---:|---:|
+| dev (best epoch) | {100 * best["dev/intent_accuracy"]:.2f} | {100 * best["dev/slot_f1"]:.2f} | {100 * best["dev/exact_match"]:.2f} |
+| test | {100 * test["intent_accuracy"]:.2f} | {100 * test["slot_f1"]:.2f} | {100 * test["exact_match"]:.2f} |
+
+Test by language:
+
+| language | n | intent accuracy | slot F1 | exact match |
+|---|---:|---:|---:|---:|
+{by_lang}
+"""
+
+
+def run_finetune(
+    config: Config,
+    model_dir: Path | None = None,
+    *,
+    scratch: bool = False,
+    name: str | None = None,
+    run_dir: Path | None = None,
+    use_ray: bool = True,
+) -> dict:
+    """Fine-tune ``model_dir`` (default: the run's final student) or, with ``scratch``, the same
+    architecture from random weights; returns the stage manifest."""
+    run_dir = Path(run_dir or config.resolved_run_dir())
+    model_dir = Path(model_dir or run_dir / "final_distill" / EXPORT_DIR)
+    data = load_nlu_data(config.finetune, config.data.root, config.data.strict, config.seed)
+    name = name or ("finetune_scratch" if scratch else "finetune_student")
+    plan = plan_finetune(config, data, model_dir, name, scratch, run_dir)
+    return run_finetune_stage(config, plan, data, use_ray)

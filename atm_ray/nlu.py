@@ -1,0 +1,235 @@
+"""The joint intent + slot model, its word-level encoding, and ``Parser`` (the inference API Serve uses).
+
+``RobertaPreLayerNormForIntentAndSlots`` is the pre-LN RoBERTa encoder with an intent head on the first
+token and a slot head on every token; a word's slot is predicted from its first sub-word. Label maps and
+text handling live in the model's config, so ``save_pretrained`` folders are self-contained.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoTokenizer,
+    RobertaPreLayerNormConfig,
+    RobertaPreLayerNormModel,
+    RobertaPreLayerNormPreTrainedModel,
+)
+from transformers.modeling_outputs import ModelOutput
+
+from atm_ray.mlm import IGNORE_INDEX
+from atm_ray.modeling import PAD_ID
+from atm_ray.nlu_metrics import slot_spans
+
+UNKNOWN_LABEL = "<unknown>"  # index 0 of both label maps: dev/test labels never seen in training
+WORD = re.compile(r"\S+")
+
+
+@dataclass
+class IntentSlotOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    intent_loss: torch.Tensor | None = None
+    slot_loss: torch.Tensor | None = None
+    intent_logits: torch.Tensor | None = None
+    slot_logits: torch.Tensor | None = None
+
+
+class RobertaPreLayerNormForIntentAndSlots(RobertaPreLayerNormPreTrainedModel):
+    """Encoder + intent head (first token) + slot head (every token); loss = intent CE + w · slot CE.
+
+    The config carries ``intent_labels``, ``slot_labels``, ``slot_loss_weight``, ``head_dropout`` and
+    ``lowercase`` (whether training text was lower-case, so the parser lower-cases too).
+    """
+
+    base_model_prefix = "roberta_prelayernorm"
+
+    def __init__(self, config: RobertaPreLayerNormConfig):
+        super().__init__(config)
+        self.roberta_prelayernorm = RobertaPreLayerNormModel(config, add_pooling_layer=False)
+        self.dropout = torch.nn.Dropout(config.head_dropout)
+        self.intent_head = torch.nn.Linear(config.hidden_size, len(config.intent_labels))
+        self.slot_head = torch.nn.Linear(config.hidden_size, len(config.slot_labels))
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, intent_labels=None, slot_labels=None, **_) -> IntentSlotOutput:
+        hidden = self.roberta_prelayernorm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.dropout(hidden)
+        intent_logits = self.intent_head(hidden[:, 0])
+        slot_logits = self.slot_head(hidden)
+        output = IntentSlotOutput(intent_logits=intent_logits, slot_logits=slot_logits)
+        if intent_labels is not None and slot_labels is not None:
+            output.intent_loss = torch.nn.functional.cross_entropy(intent_logits.float(), intent_labels)
+            output.slot_loss = torch.nn.functional.cross_entropy(
+                slot_logits.float().flatten(0, 1), slot_labels.flatten(), ignore_index=IGNORE_INDEX
+            )
+            output.loss = output.intent_loss + self.config.slot_loss_weight * output.slot_loss
+        return output
+
+    def encoder_parameters(self):
+        return self.roberta_prelayernorm.parameters()
+
+
+def label_maps(records: list[dict]) -> tuple[list[str], list[str]]:
+    """Intent and slot label lists from training records, each starting with ``UNKNOWN_LABEL``."""
+    intents = sorted({record["intent"] for record in records})
+    slots = sorted({tag for record in records for tag in record["slot_tags"]} | {"O"})
+    return [UNKNOWN_LABEL] + intents, [UNKNOWN_LABEL] + slots
+
+
+def build_joint_model(
+    encoder_dir: str | Path,
+    intent_labels: list[str],
+    slot_labels: list[str],
+    *,
+    slot_loss_weight: float = 1.0,
+    head_dropout: float = 0.1,
+    lowercase: bool = False,
+    scratch: bool = False,
+    seed: int = 0,
+) -> RobertaPreLayerNormForIntentAndSlots:
+    """The joint model on the encoder saved in ``encoder_dir`` (a masked-LM export), or on the same
+    architecture with random weights when ``scratch`` (the baseline)."""
+    config = RobertaPreLayerNormConfig.from_pretrained(str(encoder_dir))
+    config.architectures = [RobertaPreLayerNormForIntentAndSlots.__name__]
+    config.update(
+        {
+            "intent_labels": intent_labels,
+            "slot_labels": slot_labels,
+            "slot_loss_weight": slot_loss_weight,
+            "head_dropout": head_dropout,
+            "lowercase": lowercase,
+            "id2label": dict(enumerate(intent_labels)),
+            "label2id": {label: index for index, label in enumerate(intent_labels)},
+        }
+    )
+    torch.manual_seed(seed)
+    if scratch:
+        return RobertaPreLayerNormForIntentAndSlots(config)
+    return RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(encoder_dir), config=config)
+
+
+def encode_words(
+    tokenizer,
+    word_lists: list[list[str]],
+    max_seq_len: int,
+    lowercase: bool = False,
+) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+    """Padded ``input_ids`` / ``attention_mask`` and, per utterance, the position of each word's first
+    sub-word (-1 for words cut off by ``max_seq_len``)."""
+    if lowercase:
+        word_lists = [[word.lower() for word in words] for words in word_lists]
+    encoded = tokenizer(word_lists, is_split_into_words=True, truncation=True, max_length=max_seq_len)
+    length = max(len(ids) for ids in encoded["input_ids"])
+    input_ids = np.full((len(word_lists), length), PAD_ID, dtype=np.int64)
+    attention_mask = np.zeros((len(word_lists), length), dtype=np.int64)
+    first_positions = []
+    for row, ids in enumerate(encoded["input_ids"]):
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        positions = [-1] * len(word_lists[row])
+        for position, word in enumerate(encoded.word_ids(row)):
+            if word is not None and positions[word] < 0:
+                positions[word] = position
+        first_positions.append(positions)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, first_positions
+
+
+def encode_records(tokenizer, records: list[dict], intent_labels: list[str], slot_labels: list[str], max_seq_len: int, lowercase: bool) -> dict[str, np.ndarray]:
+    """Model inputs and labels for labelled records, padded to ``max_seq_len``; the slot label sits on
+    each word's first sub-word, the rest are ignored; unseen labels map to ``UNKNOWN_LABEL``."""
+    inputs, first_positions = encode_words(tokenizer, [record["tokens"] for record in records], max_seq_len, lowercase)
+    count, length = inputs["input_ids"].shape
+    padded = {name: np.pad(array, ((0, 0), (0, max_seq_len - length)), constant_values=PAD_ID if name == "input_ids" else 0) for name, array in inputs.items()}
+    intent_index = {label: index for index, label in enumerate(intent_labels)}
+    slot_index = {label: index for index, label in enumerate(slot_labels)}
+    slots = np.full((count, max_seq_len), IGNORE_INDEX, dtype=np.int64)
+    for row, (record, positions) in enumerate(zip(records, first_positions)):
+        for tag, position in zip(record["slot_tags"], positions):
+            if position >= 0:
+                slots[row, position] = slot_index.get(tag, 0)
+    padded["intent_labels"] = np.array([intent_index.get(record["intent"], 0) for record in records], dtype=np.int64)
+    padded["slot_labels"] = slots
+    return padded
+
+
+def all_lowercase(records: list[dict]) -> bool:
+    return all(word == word.lower() for record in records for word in record["tokens"])
+
+
+@torch.no_grad()
+def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int = 64) -> list[dict]:
+    """Intent, its probability and a BIO tag per word for each word list (words past the model's
+    length get ``O``)."""
+    config = model.config
+    device = next(model.parameters()).device
+    max_seq_len = config.max_position_embeddings - PAD_ID - 1
+    predictions = []
+    model.eval()
+    for start in range(0, len(word_lists), batch_size):
+        chunk = word_lists[start : start + batch_size]
+        inputs, first_positions = encode_words(tokenizer, chunk, max_seq_len, config.lowercase)
+        output = model(**{name: torch.from_numpy(array).to(device) for name, array in inputs.items()})
+        intent_logits = output.intent_logits.float()
+        intent_logits[:, 0] = -torch.inf  # never answer "unknown": it has no training examples
+        slot_logits = output.slot_logits.float()
+        slot_logits[:, :, 0] = -torch.inf
+        intent_probabilities = intent_logits.softmax(-1)
+        confidences, intents = intent_probabilities.max(-1)
+        slot_ids = slot_logits.argmax(-1).cpu().numpy()
+        for row, positions in enumerate(first_positions):
+            tags = [config.slot_labels[slot_ids[row, position]] if position >= 0 else "O" for position in positions]
+            predictions.append(
+                {"intent": config.intent_labels[int(intents[row])], "confidence": float(confidences[row]), "slot_tags": tags}
+            )
+    return predictions
+
+
+def tags_to_slots(tags: list[str], spans: list[tuple[int, int]], text: str) -> list[dict]:
+    """BIO tags over words with character ``spans`` in ``text`` -> slots with their text and span."""
+    slots = []
+    for name, first, last in sorted(slot_spans(tags), key=lambda span: span[1]):
+        start, end = spans[first][0], spans[last][1]
+        slots.append({"name": name, "value": text[start:end], "start": start, "end": end})
+    return slots
+
+
+class Parser:
+    """Utterances in, intents and slots out: ``Parser(model_dir).parse(["set an alarm for 7 am"])``.
+
+    Each result is ``{"intent": {"name", "confidence"}, "slots": [{"name", "value", "start", "end"}]}``
+    with character spans (end exclusive) into the original string.
+    """
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 64):
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: no config.json (not a fine-tuned model folder)")
+        self.model = RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(model_dir)).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model_dir = model_dir
+        self.batch_size = batch_size
+
+    @property
+    def intents(self) -> list[str]:
+        return list(self.model.config.intent_labels[1:])
+
+    def predict(self, word_lists: list[list[str]]) -> list[dict]:
+        return predict_words(self.model, self.tokenizer, word_lists, self.batch_size)
+
+    def parse(self, texts: list[str]) -> list[dict]:
+        spans = [[match.span() for match in WORD.finditer(text)] for text in texts]
+        words = [[text[start:end] for start, end in text_spans] for text, text_spans in zip(texts, spans)]
+        for index, word_list in enumerate(words):
+            if not word_list:
+                raise ValueError(f"utterance {index} is empty")
+        return [
+            {
+                "intent": {"name": prediction["intent"], "confidence": prediction["confidence"]},
+                "slots": tags_to_slots(prediction["slot_tags"], text_spans, text),
+            }
+            for prediction, text_spans, text in zip(self.predict(words), spans, texts)
+        ]

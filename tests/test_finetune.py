@@ -1,0 +1,175 @@
+"""Joint intent + slot fine-tuning: the model, the loop (in process), the Ray Train stage, the Parser,
+and bad labelled data reaching the user as file:line."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from atm_ray.cli import main
+from atm_ray.config import ModelShape, load_config
+from atm_ray.data.files import resolve
+from atm_ray.data.readers import read_nlu
+from atm_ray.finetune import NluTrainer, fit, load_nlu_data, run_finetune
+from atm_ray.modeling import build_masked_lm
+from atm_ray.nlu import (
+    UNKNOWN_LABEL,
+    Parser,
+    build_joint_model,
+    encode_records,
+    label_maps,
+    predict_words,
+)
+from atm_ray.tokenizer import train_tokenizer
+
+SNIPS = "bundled:nlu/snips"
+SHAPE = ModelShape(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128, max_positions=48, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    """A small masked-LM export with a tokenizer trained on SNIPS text (what a distilled student looks like)."""
+    directory = tmp_path_factory.mktemp("encoder")
+    records, _ = read_nlu("jointbert", resolve(f"{SNIPS}/train"))
+    tokenizer = train_tokenizer([" ".join(record["tokens"]) for record in records], vocab_size=800)
+    build_masked_lm(SHAPE, len(tokenizer), seed=0).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def _config(run_dir, *overrides):
+    return load_config(
+        "tiny",
+        [
+            f"run_dir={run_dir}",
+            f"finetune.train=[{{format: jointbert, path: '{SNIPS}/train', max_records: 1200}}]",
+            f"finetune.dev=[{{format: jointbert, path: '{SNIPS}/dev', max_records: 200}}]",
+            f"finetune.test=[{{format: jointbert, path: '{SNIPS}/test', max_records: 300}}]",
+            "finetune.max_epochs=4",
+            *overrides,
+        ],
+    )
+
+
+def test_encoder_weights_come_from_the_masked_lm_export(encoder_dir):
+    from transformers import AutoModelForMaskedLM
+
+    masked_lm = AutoModelForMaskedLM.from_pretrained(str(encoder_dir))
+    model = build_joint_model(encoder_dir, [UNKNOWN_LABEL, "a"], [UNKNOWN_LABEL, "O"])
+    for name, value in masked_lm.roberta_prelayernorm.state_dict().items():
+        torch.testing.assert_close(model.roberta_prelayernorm.state_dict()[name], value, rtol=0, atol=0)
+    scratch = build_joint_model(encoder_dir, [UNKNOWN_LABEL, "a"], [UNKNOWN_LABEL, "O"], scratch=True, seed=1)
+    embeddings = "embeddings.word_embeddings.weight"
+    assert not torch.equal(scratch.roberta_prelayernorm.state_dict()[embeddings], masked_lm.roberta_prelayernorm.state_dict()[embeddings])
+
+
+def test_slot_labels_sit_on_first_sub_words_and_unseen_labels_are_unknown(encoder_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
+    train = [{"tokens": ["wake", "me", "at", "seven"], "slot_tags": ["O", "O", "O", "B-time"], "intent": "alarm"}]
+    intents, slots = label_maps(train)
+    assert intents == [UNKNOWN_LABEL, "alarm"] and slots == [UNKNOWN_LABEL, "B-time", "O"]
+    dev = [{"tokens": ["play", "supercalifragilistic", "now"], "slot_tags": ["O", "B-song", "O"], "intent": "play"}]
+    encoded = encode_records(tokenizer, dev, intents, slots, 16, lowercase=False)
+    assert encoded["intent_labels"].tolist() == [0]  # "play" was never seen in training
+    labelled = np.flatnonzero(encoded["slot_labels"][0] != -100)
+    assert len(labelled) == 3  # one label per word, however many sub-words the long word has
+    assert encoded["slot_labels"][0][labelled].tolist() == [slots.index("O"), 0, slots.index("O")]
+    pieces = tokenizer(["play", "supercalifragilistic", "now"], is_split_into_words=True)
+    assert labelled.tolist() == [pieces.word_ids().index(word) for word in range(3)]
+
+
+def test_export_round_trips_and_the_parser_gives_character_spans(encoder_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    config = _config(tmp_path, "finetune.max_epochs=1")
+    data = load_nlu_data(config.finetune, config.data.root, True, 0)
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
+    intents, slots = label_maps(data.train)
+    model = build_joint_model(encoder_dir, intents, slots)
+    encoded = encode_records(tokenizer, data.train, intents, slots, 48, lowercase=True)
+    trainer = NluTrainer(model, config.finetune, steps_per_epoch=len(data.train) // 32 + 1)
+
+    def batches(epoch):
+        for start in range(0, len(data.train), 32):
+            yield {name: array[start : start + 32] for name, array in encoded.items()}
+
+    reports = []
+    fit(trainer, model, batches, data.dev, tokenizer, torch.device("cpu"), lambda metrics, _: reports.append(metrics))
+    assert [metrics["epoch"] for metrics in reports] == [1]
+    trainer.export(tmp_path / "export", tokenizer)
+    words = [record["tokens"] for record in data.test[:50]]
+    parser = Parser(tmp_path / "export")
+    assert parser.predict(words) == predict_words(model, tokenizer, words)
+
+    text = "  play some   music by the beatles  "
+    (parsed,) = parser.parse([text])
+    assert parsed["intent"]["name"] in intents and 0 < parsed["intent"]["confidence"] <= 1
+    for slot in parsed["slots"]:
+        assert text[slot["start"] : slot["end"]] == slot["value"] and slot["value"].strip() == slot["value"]
+    with pytest.raises(ValueError, match="utterance 1 is empty"):
+        parser.parse(["hello", "   "])
+
+
+def test_frozen_encoder_leaves_encoder_weights_unchanged(encoder_dir, tmp_path):
+    config = _config(tmp_path, "finetune.max_epochs=1", "finetune.freeze_encoder=true")
+    manifest = run_finetune(config, encoder_dir, name="frozen", use_ray=False)
+    from atm_ray.nlu import RobertaPreLayerNormForIntentAndSlots
+
+    tuned = RobertaPreLayerNormForIntentAndSlots.from_pretrained(manifest["outputs"]["export"])
+    initial = build_joint_model(encoder_dir, tuned.config.intent_labels, tuned.config.slot_labels, seed=config.seed)
+    for name, value in initial.roberta_prelayernorm.state_dict().items():
+        torch.testing.assert_close(tuned.roberta_prelayernorm.state_dict()[name], value, rtol=0, atol=0)
+    assert not torch.equal(tuned.intent_head.weight, initial.intent_head.weight)
+    assert not torch.equal(tuned.slot_head.weight, initial.slot_head.weight)
+
+
+@pytest.mark.slow
+def test_ray_fine_tune_beats_the_majority_intent_by_a_wide_margin(encoder_dir, tmp_path, local_ray):
+    config = _config(tmp_path)
+    manifest = run_finetune(config, encoder_dir, use_ray=True)
+    data = load_nlu_data(config.finetune, config.data.root, True, 0)
+    majority = Counter(record["intent"] for record in data.test).most_common(1)[0][1] / len(data.test)
+    metrics = manifest["metrics"]
+    assert metrics["test/intent_accuracy"] >= majority + 0.4, (majority, metrics)
+    assert metrics["test/slot_f1"] > 0.2 and metrics["test/count"] == 300
+    export = tmp_path / "finetune_student" / "export"
+    card = (export / "README.md").read_text()
+    assert str(encoder_dir) in card and "early stopping on dev exact match" in card
+    # a rerun with the same settings is skipped
+    assert run_finetune(config, encoder_dir, use_ray=True)["config_hash"] == manifest["config_hash"]
+
+
+def test_several_languages_are_scored_per_language(encoder_dir, tmp_path, shared_data):
+    xsid = shared_data / "nlu" / "xsid"
+    config = _config(
+        tmp_path,
+        "finetune.max_epochs=1",
+        f"finetune.train=[{{format: xsid, path: '{xsid}/de.valid.conll'}}, {{format: xsid, path: '{xsid}/da.valid.conll'}}]",
+        "finetune.dev=[]",
+        "finetune.test=[]",
+    )
+    manifest = run_finetune(config, encoder_dir, use_ray=False)
+    import json
+
+    by_lang = json.loads((tmp_path / "finetune_student" / "test_scores.json").read_text())["by_lang"]
+    assert set(by_lang) == {"de", "da"}
+    assert sum(scores["count"] for scores in by_lang.values()) == manifest["metrics"]["test/count"]
+
+
+@pytest.mark.parametrize(
+    "tags, reason",
+    [("O O\nO O\n", "3 tokens but 2 slot tags"), ("O O\nO I-x O\n", "'I-x' follows 'O'")],
+)
+def test_bad_labelled_data_names_file_and_line(encoder_dir, tmp_path, capsys, tags, reason):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "seq.in").write_text("hi there\nplay some jazz\n")
+    (folder / "seq.out").write_text(tags)
+    (folder / "label").write_text("Greet\nPlay\n")
+    code = main(["finetune", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--model", str(encoder_dir), "--data", f"jointbert:{folder}"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert f"{folder}:2: " in error and reason in error
