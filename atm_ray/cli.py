@@ -81,11 +81,11 @@ def _finetune_config(args):
 
 
 def command_finetune(args) -> None:
-    from atm_ray.finetune import format_summary, run_finetune
+    from atm_ray.finetune import finetune_summary, run_finetune
 
     config = _finetune_config(args)
     name = args.name or ("finetune_scratch" if args.scratch else "finetune_student") + ("_frozen" if args.freeze_encoder else "")
-    print(format_summary(run_finetune(config, args.model, scratch=args.scratch, name=name, use_ray=not args.no_ray)))
+    print(finetune_summary(run_finetune(config, args.model, scratch=args.scratch, name=name, use_ray=not args.no_ray)))
 
 
 def command_evaluate(args) -> None:

@@ -462,7 +462,7 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
     return latest
 
 
-def format_summary(manifest: dict) -> str:
+def finetune_summary(manifest: dict) -> str:
     """What a finished fine-tuning stage prints: where its export is, its dev and test scores."""
     metrics = manifest["metrics"]
     lines = [f"{manifest['stage']}: export in {manifest['outputs']['export']} (best epoch {metrics['best_epoch']})"]

@@ -16,7 +16,7 @@ from atm_ray.config import Config
 from atm_ray.distill import run_distill
 from atm_ray.engine import EXPORT_DIR
 from atm_ray.evaluate import compare_models, comparison_report, write_comparison
-from atm_ray.finetune import format_summary, load_nlu_data, plan_finetune, run_finetune_stage
+from atm_ray.finetune import finetune_summary, load_nlu_data, plan_finetune, run_finetune_stage
 from atm_ray.prepare import format_summary, prepare
 from atm_ray.pretrain import run_pretrain_stage
 
@@ -47,7 +47,7 @@ def run_pipeline(config: Config, run_dir: Path | None = None) -> Path:
         print(f"[pipeline] {number}/8 fine-tuning: {'scratch baseline' if scratch else 'pipeline student'}", flush=True)
         manifest = run_finetune_stage(config, plan_finetune(config, data, student, name, scratch, run_dir), data)
         exports[name.removeprefix("finetune_")] = manifest["outputs"]["export"]
-        print(format_summary(manifest), flush=True)
+        print(finetune_summary(manifest), flush=True)
 
     print("[pipeline] 8/8 evaluation: pipeline student against the scratch baseline", flush=True)
     description = f"the test split of preset {config.name} ({len(data.test)} utterances)"
