@@ -20,6 +20,7 @@ from transformers import (
     RobertaPreLayerNormPreTrainedModel,
 )
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from atm_ray.mlm import IGNORE_INDEX
 from atm_ray.modeling import PAD_ID
@@ -109,7 +110,13 @@ def build_joint_model(
     torch.manual_seed(seed)
     if scratch:
         return RobertaPreLayerNormForIntentAndSlots(config)
-    return RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(encoder_dir), config=config)
+    # the load report lists the new heads and the unused masked-LM head, as expected; keep it quiet
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(encoder_dir), config=config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def encode_words(
