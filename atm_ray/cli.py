@@ -7,6 +7,7 @@
     atm-ray finetune --preset tiny [--model DIR | --scratch] [--data FORMAT:PATH ...] [--freeze-encoder]
     atm-ray evaluate --models scratch=DIR pipeline=DIR [--data FORMAT:PATH] [--baseline scratch]
     atm-ray pipeline --preset tiny
+    atm-ray serve --model A=DIR --model B=DIR --split 90:10 [--shadow B] [--port 8000]
 """
 
 from __future__ import annotations
@@ -113,6 +114,37 @@ def command_evaluate(args) -> None:
     print(f"written: {markdown}, {json_path}")
 
 
+def command_serve(args) -> None:
+    import time
+
+    from ray import serve
+
+    from atm_ray.serving import build_app, parse_arm_arguments
+    from atm_ray.stages import init_ray
+
+    settings = {
+        "arms": parse_arm_arguments(args.model, args.split),
+        "shadow": args.shadow,
+        "salt": args.salt,
+        "max_batch_size": args.max_batch_size,
+        "num_replicas": args.replicas,
+        "num_cpus": args.cpus_per_replica,
+        "torch_threads": args.torch_threads,
+    }
+    application = build_app(settings)
+    init_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application, name="atm-ray-nlu", route_prefix="/")
+    print(f"serving on http://{args.host}:{args.port}/v1/parse (arms: {', '.join(arm['name'] for arm in settings['arms'])}); Ctrl-C stops", flush=True)
+    if args.detach:
+        return
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 def command_pipeline(args) -> None:
     from atm_ray.pipeline import run_pipeline
 
@@ -175,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--output", type=Path, default=None, help="folder for comparison.md/json (default: <run>/evaluation)")
     add_data_arguments(evaluate_parser)
     evaluate_parser.set_defaults(handler=command_evaluate)
+
+    serve_parser = commands.add_parser("serve", help="the intent/slot HTTP endpoint on Ray Serve, with A/B arms")
+    serve_parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="an arm (repeatable)")
+    serve_parser.add_argument("--split", default=None, help="traffic weights in arm order, e.g. 90:10 (default: equal)")
+    serve_parser.add_argument("--shadow", default=None, metavar="NAME", help="run this arm off the request path only")
+    serve_parser.add_argument("--salt", default="atm-ray", help="experiment salt of the sticky user assignment")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--replicas", type=int, default=1)
+    serve_parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    serve_parser.add_argument("--torch-threads", type=int, default=1)
+    serve_parser.add_argument("--max-batch-size", type=int, default=16)
+    serve_parser.add_argument("--address", default=None, help="a running Ray cluster (default: start a local one)")
+    serve_parser.add_argument("--detach", action="store_true", help="return once deployed (with --address)")
+    serve_parser.set_defaults(handler=command_serve)
 
     pipeline_parser = commands.add_parser("pipeline", help="every stage, skipping those already done")
     _add_common(pipeline_parser)

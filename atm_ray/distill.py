@@ -97,7 +97,9 @@ class DistillTrainer(MlmTrainer):
         self.teacher_metrics: dict[str, float] = {}
 
     def _load_teacher(self, path: str, vocab_size: int) -> torch.nn.Module:
-        teacher = AutoModelForMaskedLM.from_pretrained(path)
+        # an export may be stored in half precision: fp32 on the CPU, bf16 on the GPU (where it runs in bf16)
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        teacher = AutoModelForMaskedLM.from_pretrained(path, dtype=dtype)
         if teacher.config.vocab_size != vocab_size:
             raise ValueError(
                 f"teacher {path} has a vocabulary of {teacher.config.vocab_size}, the student {vocab_size}: "

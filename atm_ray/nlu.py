@@ -114,7 +114,7 @@ def build_joint_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(encoder_dir), config=config)
+        return RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(encoder_dir), config=config, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -215,7 +215,7 @@ class Parser:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: no config.json (not a fine-tuned model folder)")
-        self.model = RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(model_dir)).to(device).eval()
+        self.model = RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model_dir = model_dir
         self.batch_size = batch_size

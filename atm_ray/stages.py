@@ -172,7 +172,7 @@ def build_trainer(config: Config, plan: StagePlan) -> tuple[MlmTrainer, float]:
     if plan.init_from:
         from transformers import AutoModelForMaskedLM
 
-        model = AutoModelForMaskedLM.from_pretrained(plan.init_from)
+        model = AutoModelForMaskedLM.from_pretrained(plan.init_from, dtype=torch.float32)  # trained in fp32 (or autocast)
         if model.config.vocab_size != plan.vocab_size:
             raise ValueError(
                 f"{plan.init_from} has a vocabulary of {model.config.vocab_size}, the prepared data {plan.vocab_size}"

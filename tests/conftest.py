@@ -40,3 +40,35 @@ def local_ray():
     init_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory):
+    """A small masked-LM export with a tokenizer trained on SNIPS text (what a distilled student looks like)."""
+    from atm_ray.config import ModelShape
+    from atm_ray.data.files import resolve
+    from atm_ray.data.readers import read_nlu
+    from atm_ray.modeling import build_masked_lm
+    from atm_ray.tokenizer import train_tokenizer
+
+    directory = tmp_path_factory.mktemp("encoder")
+    records, _ = read_nlu("jointbert", resolve("bundled:nlu/snips/train"))
+    tokenizer = train_tokenizer([" ".join(record["tokens"]) for record in records], vocab_size=800)
+    shape = ModelShape(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128, max_positions=48, dropout=0.0)
+    build_masked_lm(shape, len(tokenizer), seed=0).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def nlu_models(encoder_dir, tmp_path_factory):
+    """Two fine-tuned arms for serving tests: A (3 epochs) and B (1 epoch), trained in this process."""
+    from atm_ray.config import load_config
+    from atm_ray.finetune import run_finetune
+
+    run_dir = tmp_path_factory.mktemp("nlu-models")
+    exports = {}
+    for name, epochs in (("A", 3), ("B", 1)):
+        config = load_config("tiny", [f"run_dir={run_dir}", f"finetune.max_epochs={epochs}"])
+        exports[name] = run_finetune(config, encoder_dir, name=f"arm_{name}", use_ray=False)["outputs"]["export"]
+    return exports

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FIXTURES
 
 from atm_ray.config import load_config
 from atm_ray.distill import run_distill
@@ -107,13 +108,9 @@ def test_teacher_with_another_vocabulary_is_refused(teachers, tmp_path):
         DistillTrainer(student, config.distill.intermediate, [str(teachers / "teacher_stage1" / "export")], 999)
 
 
-def test_distilled_student_beats_mlm_only_from_scratch(teachers, tmp_path):
-    """Same student, same steps and data: soft targets from the teacher help.
-
-    At this scale (teachers of a few dozen steps) both students still fill masks with the most frequent
-    pieces, so mask-filling accuracy is a coin toss between them (within ~0.002); held-out perplexity
-    shows the difference. The accuracy comparison the distillation issue asks for needs stronger teachers.
-    """
+def test_distilled_student_has_lower_perplexity_than_mlm_only(teachers, tmp_path):
+    """Through the stages: same student, steps and data; soft targets from the (short-trained) teachers
+    lower held-out perplexity. Mask-filling accuracy needs a teacher past the unigram plateau: next test."""
     results = {}
     for name, soft_ce in (("distilled", 1.0), ("mlm_only", 0.0)):
         run_dir = _copy_run(teachers, tmp_path / name)
@@ -125,6 +122,66 @@ def test_distilled_student_beats_mlm_only_from_scratch(teachers, tmp_path):
         results[name] = _history(distilled.stage_dir)[-1]
     for kind in ("written", "spoken"):
         assert results["distilled"][f"{kind}/perplexity"] < results["mlm_only"][f"{kind}/perplexity"]
+
+
+def _packed_rows(tokenizer, source_format: str, path: str) -> dict:
+    import numpy as np
+
+    from atm_ray.data.files import resolve
+    from atm_ray.data.readers import read_text_source
+    from atm_ray.mlm import pack_batch, tokenize_batch
+
+    records, _ = read_text_source(source_format, resolve(path))
+    batch = {key: [record[key] for record in records] for key in ("text", "words", "pos")}
+    packed = pack_batch(tokenize_batch(batch, tokenizer), seq_len=64)
+    return {name: np.array(values, dtype=np.int64) for name, values in packed.items()}
+
+
+@pytest.mark.slow
+def test_distilled_student_fills_masks_better_than_mlm_only():
+    """After the same steps on the same batches, the student distilled from a teacher that has left the
+    unigram plateau (tests/fixtures/spoken_teacher, built by tools/make_test_teacher.py) fills held-out
+    masks better than the same student trained with MLM alone from the same random initialisation."""
+    import numpy as np
+
+    from atm_ray.distill import DistillTrainer
+    from atm_ray.engine import RowSource, endless, init_single_process_group
+    from atm_ray.modeling import build_masked_lm
+    from atm_ray.tokenizer import load_tokenizer
+
+    teacher = FIXTURES / "spoken_teacher"
+    tokenizer = load_tokenizer(teacher)
+    rows = {
+        name: np.concatenate([_packed_rows(tokenizer, "text", f"bundled:spoken/{file}")[name] for file in ("slurp_lm.txt", "xsid_train_en.txt")])
+        for name in ("input_ids", "noun_mask")
+    }
+    heldout = _packed_rows(tokenizer, "slurp", "bundled:nlu/slurp/devel.jsonl")
+    config = load_config("tiny")
+    init_single_process_group()
+    results = {}
+    for name, soft_ce in (("distilled", 1.0), ("mlm_only", 0.0)):
+        settings = config.distill.intermediate.model_copy(
+            update={
+                "steps": 150,
+                "switch": None,
+                "soft_targets": "all",
+                "weights": config.distill.intermediate.weights.model_copy(update={"soft_ce": soft_ce}),
+                "engine": config.distill.intermediate.engine.model_copy(
+                    update={"zero_stage": 0, "micro_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 20}
+                ),
+            }
+        )
+        student = build_masked_lm(config.models["intermediate"], len(tokenizer), seed=0)
+        trainer = DistillTrainer(student, settings, [str(teacher)], len(tokenizer))
+        batches = endless(RowSource(rows, 32, seed=0))
+        for _ in range(settings.steps):
+            trainer.train_step([next(batches)])
+        results[name] = trainer.evaluate(heldout, batches=8, batch_size=32)
+        trainer.engine.destroy()
+    distilled, mlm_only = results["distilled"], results["mlm_only"]
+    assert distilled["teacher_mask_fill_accuracy"] > 0.15, distilled  # the fixture teacher is past the plateau
+    assert distilled["mask_fill_accuracy"] > mlm_only["mask_fill_accuracy"] + 0.02, results
+    assert distilled["perplexity"] < mlm_only["perplexity"], results
 
 
 def test_student_initialised_from_every_kth_teacher_layer():

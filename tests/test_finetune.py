@@ -8,11 +8,8 @@ import pytest
 import torch
 
 from atm_ray.cli import main
-from atm_ray.config import ModelShape, load_config
-from atm_ray.data.files import resolve
-from atm_ray.data.readers import read_nlu
+from atm_ray.config import load_config
 from atm_ray.finetune import NluTrainer, fit, load_nlu_data, run_finetune
-from atm_ray.modeling import build_masked_lm
 from atm_ray.nlu import (
     UNKNOWN_LABEL,
     Parser,
@@ -21,21 +18,8 @@ from atm_ray.nlu import (
     label_maps,
     predict_words,
 )
-from atm_ray.tokenizer import train_tokenizer
 
 SNIPS = "bundled:nlu/snips"
-SHAPE = ModelShape(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128, max_positions=48, dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    """A small masked-LM export with a tokenizer trained on SNIPS text (what a distilled student looks like)."""
-    directory = tmp_path_factory.mktemp("encoder")
-    records, _ = read_nlu("jointbert", resolve(f"{SNIPS}/train"))
-    tokenizer = train_tokenizer([" ".join(record["tokens"]) for record in records], vocab_size=800)
-    build_masked_lm(SHAPE, len(tokenizer), seed=0).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    return directory
 
 
 def _config(run_dir, *overrides):
@@ -173,3 +157,20 @@ def test_bad_labelled_data_names_file_and_line(encoder_dir, tmp_path, capsys, ta
     error = capsys.readouterr().err
     assert code == 2
     assert f"{folder}:2: " in error and reason in error
+
+
+def test_evaluate_command_writes_the_comparison(encoder_dir, tmp_path, capsys):
+    config = _config(tmp_path, "finetune.max_epochs=1")
+    export = run_finetune(config, encoder_dir, name="one", use_ray=False)["outputs"]["export"]
+    output = tmp_path / "comparison"
+    code = main(["evaluate", "--preset", "tiny", "--models", f"base={export}", f"same={export}",
+                 "--data", f"jointbert:{SNIPS}", "--output", str(output)])
+    assert code == 0
+    import json
+
+    result = json.loads((output / "comparison.json").read_text())
+    assert result["overall"]["baseline"] == "base"
+    same = result["overall"]["models"]["same"]
+    assert same["count"] == 700  # the bundled SNIPS test split
+    assert same["exact_match_relative_error"] == 0.0
+    assert "| same |" in (output / "comparison.md").read_text() and "| same |" in capsys.readouterr().out

@@ -1,0 +1,298 @@
+"""The Serve NLU endpoint: A/B arithmetic and request validation as plain functions, then a real Serve
+application answering real HTTP requests on 127.0.0.1 (bounded request counts throughout)."""
+
+import json
+import socket
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from atm_ray.ab import Arm, ArmRouter, Ledger, two_proportion_test, wilson_interval
+from atm_ray.serving import (
+    ClientError,
+    decode_json_body,
+    parse_arm_arguments,
+    validate_batch_request,
+    validate_feedback,
+    validate_parse_request,
+)
+
+# ---------------------------------------------------------------------- plain functions
+
+
+def test_split_is_weighted_sticky_and_salted():
+    router = ArmRouter([Arm("A", "a", 90), Arm("B", "b", 10)], salt="exp-1")
+    users = [f"user-{index}" for index in range(5000)]
+    counts = Counter(router.assign(user) for user in users)
+    assert abs(counts["B"] / len(users) - 0.10) < 0.015  # 3 standard deviations at n = 5000
+    assert all(router.assign(user) == router.assign(user) for user in users[:200])
+    other = ArmRouter([Arm("A", "a", 90), Arm("B", "b", 10)], salt="exp-2")
+    assert sum(router.assign(user) != other.assign(user) for user in users) > 500  # a new salt reshuffles
+    even = ArmRouter([Arm("A", "a", 1), Arm("B", "b", 1)], salt="s", seed=0)
+    anonymous = Counter(even.assign(None) for _ in range(2000))
+    assert abs(anonymous["A"] / 2000 - 0.5) < 0.05
+    assert router.shares() == {"A": 0.9, "B": 0.1}
+    with pytest.raises(ValueError, match="unique"):
+        ArmRouter([Arm("A", "a", 1), Arm("A", "b", 1)], salt="s")
+
+
+def test_report_statistics_by_hand():
+    low, high = wilson_interval(10, 100)
+    assert low == pytest.approx(0.0552, abs=1e-4) and high == pytest.approx(0.1744, abs=1e-4)
+    test = two_proportion_test(10, 100, 20, 100)  # 10% vs 20% dissatisfied
+    assert test["z"] == pytest.approx(1.980, abs=1e-3) and test["p_value"] == pytest.approx(0.0477, abs=1e-3)
+    ledger = Ledger(["A", "B"])
+    ledger.record([
+        {"kind": "request", "arm": "A", "request_id": "r1", "latency_ms": 3.0, "intent": "play"},
+        {"kind": "request", "arm": "B", "request_id": "r2", "latency_ms": 5.0, "intent": "play"},
+        {"kind": "batch", "arm": "A", "size": 4},
+        {"kind": "shadow", "intent_agrees": True, "frame_agrees": False},
+    ])
+    assert ledger.add_feedback("r1", satisfied=False) == "ok"
+    assert ledger.add_feedback("r1", satisfied=True) == "duplicate"
+    assert ledger.add_feedback("nope", satisfied=True) == "unknown"
+    report = ledger.report()
+    assert report["arms"]["A"]["feedback"]["dissatisfaction_rate"] == 1.0
+    assert report["arms"]["A"]["batches"]["max_size"] == 4
+    assert report["shadow"] == {"compared": 1, "intent_agreement": 1, "frame_agreement": 0,
+                                "intent_agreement_rate": 1.0, "frame_agreement_rate": 0.0}
+
+
+def malformed_requests() -> list[tuple[str, bytes, dict]]:
+    """(path, body, headers) triples a careless or hostile client might send: each must get a 4xx."""
+    cases = []
+    bodies = [b"", b"{", b"}", b"nul", b"[1,2", b'{"text": "a",}', b"\xff\xfe\xfd", b'{"text": "caf\xe9"}', b"\x00",
+              b"[]", b"42", b'"text"', b"null", b"true", b"{}", b'{"txt": "hi"}', b'{"text": null}',
+              b'{"text": 5}', b'{"text": ["hi"]}', b'{"text": {"a": 1}}', b'{"text": ""}', b'{"text": "   "}',
+              b'{"text": "\\n\\t"}', b'{"text": "hi", "user_id": 7}', b'{"text": "hi", "user_id": ""}',
+              b'{"text": "hi", "request_id": []}', b'{"text": "hi", "extra": 1}', json.dumps({"text": "a" * 1001}).encode(),
+              json.dumps({"text": "hi", "user_id": "u" * 201}).encode(), b'{"text": "hi"}' + b" " * 70_000]
+    for body in bodies:
+        cases.append(("/v1/parse", body, {}))
+        cases.append(("/v1/parse:batch", body, {}))
+    batch_bodies = [{"requests": []}, {"requests": "hi"}, {"requests": [{"text": ""}]}, {"requests": [{"text": "ok"}, 5]},
+                    {"requests": [{"text": "ok"}] * 65}, {"requests": [{"text": "ok"}], "more": 1}, {"items": [{"text": "hi"}]},
+                    {"requests": [{"text": "ok", "user_id": 3}]}, {"requests": None}]
+    cases += [("/v1/parse:batch", json.dumps(body).encode(), {}) for body in batch_bodies]
+    feedback_bodies = [{}, {"request_id": "x"}, {"satisfied": True}, {"request_id": "x", "satisfied": "yes"},
+                       {"request_id": 5, "satisfied": True}, {"request_id": "never-seen", "satisfied": True},
+                       {"request_id": "x", "satisfied": True, "note": "!"}, [], "x"]
+    cases += [("/v1/feedback", json.dumps(body).encode(), {}) for body in feedback_bodies]
+    cases += [("/v1/feedback", body, {}) for body in (b"{", b"\xff", b"")]
+    for arm in ("Z", "", "a", "A B", "../A", "0" * 300):
+        cases.append(("/v1/parse", b'{"text": "play jazz"}', {"x-atm-arm": arm}))
+    for index in range(200 - len(cases) if len(cases) < 200 else 0):
+        cases.append(("/v1/parse", json.dumps({"text": "play", "user_id": index}).encode(), {}))
+    return cases
+
+
+def test_validation_rejects_every_malformed_request_as_a_client_error():
+    for path, body, headers in malformed_requests():
+        if headers or body == json.dumps({"request_id": "never-seen", "satisfied": True}).encode():
+            continue  # well-formed bodies: an unknown arm or request id is the service's to refuse (over HTTP)
+        with pytest.raises(ClientError) as caught:
+            payload = decode_json_body(body, 64 * 1024)
+            if path == "/v1/parse":
+                validate_parse_request(payload, 1000)
+            elif path == "/v1/parse:batch":
+                validate_batch_request(payload, 1000, 64)
+            else:
+                validate_feedback(payload)
+        assert 400 <= caught.value.status < 500
+    assert validate_parse_request({"text": "hi", "user_id": "u"}, 10) == {"text": "hi", "user_id": "u", "request_id": None}
+
+
+def test_arm_arguments(tmp_path):
+    arms = parse_arm_arguments([f"A={tmp_path}", f"B={tmp_path}"], "90:10")
+    assert [(arm["name"], arm["weight"]) for arm in arms] == [("A", 90.0), ("B", 10.0)]
+    with pytest.raises(ValueError, match="2 weights for 1 models"):
+        parse_arm_arguments([f"A={tmp_path}"], "90:10")
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        parse_arm_arguments(["A"], None)
+
+
+# ---------------------------------------------------------------------- a real Serve application
+
+
+def _free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def _deploy(models, **settings):
+    from ray import serve
+
+    from atm_ray.serving import build_app
+
+    args = {
+        "arms": [{"name": "A", "model_dir": models["A"], "weight": 90}, {"name": "B", "model_dir": models["B"], "weight": 10}],
+        "salt": "test",
+        "num_cpus": 0.5,
+        "max_batch_size": 8,
+        "batch_wait_timeout_s": 0.005,
+        **settings,
+    }
+    serve.run(build_app(args), name="nlu", route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def endpoint(nlu_models, local_ray):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    _deploy(nlu_models)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def _post(url, payload, **kwargs):
+    return requests.post(url, json=payload, timeout=30, **kwargs)
+
+
+@pytest.mark.slow
+def test_parses_match_the_in_process_parser(endpoint, nlu_models):
+    from atm_ray.nlu import Parser
+
+    texts = ["add this song to my workout playlist", "play some jazz by miles davis on spotify",
+             "what will the weather be in paris tomorrow", "book a table for two at 7 pm"]
+    expected = Parser(nlu_models["A"]).parse(texts)
+    for text, wanted in zip(texts, expected):
+        response = _post(f"{endpoint}/v1/parse", {"text": text, "request_id": f"id-{text[:5]}"}, headers={"x-atm-arm": "A"})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["arm"] == "A" and body["request_id"] == f"id-{text[:5]}" and body["latency_ms"] > 0
+        assert body["intent"]["name"] == wanted["intent"]["name"]
+        assert body["intent"]["confidence"] == pytest.approx(wanted["intent"]["confidence"], abs=1e-5)
+        assert body["slots"] == wanted["slots"]
+        assert body["model_version"].startswith("arm_A@")
+    batch = _post(f"{endpoint}/v1/parse:batch", {"requests": [{"text": text} for text in texts]}).json()["results"]
+    assert [result["request_id"] for result in batch] and len({result["request_id"] for result in batch}) == len(texts)
+    models = requests.get(f"{endpoint}/v1/models", timeout=10).json()
+    assert [arm["name"] for arm in models["arms"]] == ["A", "B"] and models["arms"][1]["share"] == 0.1
+    assert requests.get(f"{endpoint}/healthz", timeout=10).json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_concurrent_load_is_batched(endpoint):
+    def call(index):
+        return _post(f"{endpoint}/v1/parse", {"text": f"play song number {index} on spotify"}, headers={"x-atm-arm": "A"}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, range(96)))
+    assert codes == [200] * 96
+    report = requests.get(f"{endpoint}/v1/ab/report", timeout=10).json()
+    assert report["arms"]["A"]["batches"]["max_size"] > 1, report["arms"]["A"]["batches"]
+
+
+@pytest.mark.slow
+def test_split_stickiness_and_feedback(endpoint):
+    users = [f"user-{index}" for index in range(2000)]
+
+    def arm_of(user):
+        return _post(f"{endpoint}/v1/parse", {"text": "play music", "user_id": user}).json()["arm"]
+
+    with ThreadPoolExecutor(16) as pool:
+        arms = list(pool.map(arm_of, users))
+    share_b = arms.count("B") / len(arms)
+    assert abs(share_b - 0.10) < 0.02, share_b
+    expected = ArmRouter([Arm("A", "", 90), Arm("B", "", 10)], salt="test")
+    assert arms == [expected.assign(user) for user in users]  # the service routes as the router says
+    assert len({arm_of("alice") for _ in range(15)}) == 1
+
+    before = requests.get(f"{endpoint}/v1/ab/report", timeout=10).json()["arms"]["A"]["feedback"]
+    request_ids = [_post(f"{endpoint}/v1/parse", {"text": "stop"}, headers={"x-atm-arm": "A"}).json()["request_id"] for _ in range(6)]
+    for index, request_id in enumerate(request_ids):
+        response = _post(f"{endpoint}/v1/feedback", {"request_id": request_id, "satisfied": index % 3 != 0})
+        assert response.status_code == 200, response.text
+    assert _post(f"{endpoint}/v1/feedback", {"request_id": request_ids[0], "satisfied": True}).status_code == 409
+    assert _post(f"{endpoint}/v1/feedback", {"request_id": "never-seen", "satisfied": True}).status_code == 404
+    after = requests.get(f"{endpoint}/v1/ab/report", timeout=10).json()
+    feedback = after["arms"]["A"]["feedback"]
+    assert feedback["dissatisfied"] - before["dissatisfied"] == 2 and feedback["satisfied"] - before["satisfied"] == 4
+    assert "B_vs_A" in after["dissatisfaction_tests"]
+    assert after["arms"]["A"]["latency_ms"]["p99"] >= after["arms"]["A"]["latency_ms"]["p50"] > 0
+
+
+@pytest.mark.slow
+def test_malformed_requests_get_json_4xx_never_5xx(endpoint):
+    cases = malformed_requests() + [("/v1/nowhere", b"{}", {})]
+    assert len(cases) >= 200
+    statuses = Counter()
+    for path, body, headers in cases:
+        response = requests.post(f"{endpoint}{path}", data=body, headers=headers, timeout=30)
+        statuses[response.status_code] += 1
+        if path == "/v1/parse" and body.startswith(b'{"text": "play", "user_id": '):
+            assert response.status_code == 422  # user_id must be a string
+        assert 400 <= response.status_code < 500, (path, body[:80], headers, response.status_code, response.text)
+        error = response.json()["error"]
+        assert error["code"] and error["message"]
+    wrong_method = requests.get(f"{endpoint}/v1/parse", timeout=10)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    print(f"malformed requests: {sum(statuses.values())}, status codes {dict(statuses)}")
+
+
+@pytest.mark.slow
+def test_shadow_arm_agreement_is_recorded(endpoint, nlu_models):
+    _deploy(nlu_models, shadow="B")
+    try:
+        texts = [f"play track {index} from my favourites" for index in range(30)]
+        arms = [_post(f"{endpoint}/v1/parse", {"text": text, "user_id": f"shadow-{index}"}).json()["arm"] for index, text in enumerate(texts)]
+        assert set(arms) == {"A"}  # B only runs off the request path
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            shadow = requests.get(f"{endpoint}/v1/ab/report", timeout=10).json()["shadow"]
+            if shadow["compared"] >= 30:
+                break
+            time.sleep(0.2)
+        assert shadow["compared"] == 30, shadow
+        assert 0.0 <= shadow["intent_agreement_rate"] <= 1.0 and shadow["frame_agreement"] <= shadow["intent_agreement"]
+    finally:
+        _deploy(nlu_models)
+
+
+@pytest.mark.slow
+def test_service_recovers_from_a_killed_replica(endpoint, nlu_models):
+    import ray
+    from ray import serve
+
+    _deploy(nlu_models, num_replicas=2, num_cpus=0.25)
+    outcomes = []
+
+    def call(index):
+        try:
+            response = _post(f"{endpoint}/v1/parse", {"text": f"set an alarm for {index % 12 + 1} am"})
+            return response.status_code
+        except requests.RequestException:
+            return "connection error"
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            outcomes += list(pool.map(call, range(40)))
+            ray.kill(_replica_actor(), no_restart=True)
+            outcomes += list(pool.map(call, range(40, 200)))
+        deadline = time.time() + 60
+        while time.time() < deadline and serve.status().applications["nlu"].status != "RUNNING":
+            time.sleep(0.5)
+        final = [call(index) for index in range(20)]
+        failed = sum(outcome != 200 for outcome in outcomes)
+        print(f"replica killed under load: {failed} of {len(outcomes)} requests failed; then {final.count(200)}/20 succeeded")
+        assert final == [200] * 20
+        assert failed < len(outcomes) // 2
+    finally:
+        _deploy(nlu_models)
+
+
+def _replica_actor():
+    """One live replica actor of the NluService deployment."""
+    import ray
+    from ray.util.state import list_actors
+
+    for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+        if "NluService" in (actor.class_name or "") or "NluService" in (actor.name or ""):
+            return ray.get_actor(actor.name, namespace="serve")
+    raise AssertionError("no NluService replica actor found")
