@@ -139,11 +139,18 @@ def _packed_rows(tokenizer, source_format: str, path: str) -> dict:
 
 @pytest.mark.slow
 def test_distilled_student_fills_masks_better_than_mlm_only():
-    """After the same steps on the same batches, the student distilled from a teacher that has left the
-    unigram plateau (tests/fixtures/spoken_teacher, built by tools/make_test_teacher.py) fills held-out
-    masks better than the same student trained with MLM alone from the same random initialisation."""
+    """Same student shape, same 150 steps on the same batches, against a teacher past the unigram plateau
+    (tests/fixtures/spoken_teacher, 20% held-out mask-filling accuracy, built by tools/make_test_teacher.py):
+
+    - MLM alone from random initialisation stays on the plateau (~8.5%: the most frequent pieces);
+    - distillation from random initialisation lowers held-out perplexity but, at this CPU-test scale, does
+      not yet lift accuracy off the plateau (measured: still ~9% after 400 steps);
+    - the distillation recipe with DistilBERT-style initialisation (every k-th teacher layer) fills masks
+      clearly better than MLM alone.
+    """
     import numpy as np
 
+    from atm_ray.config import ModelShape
     from atm_ray.distill import DistillTrainer
     from atm_ray.engine import RowSource, endless, init_single_process_group
     from atm_ray.modeling import build_masked_lm
@@ -157,31 +164,34 @@ def test_distilled_student_fills_masks_better_than_mlm_only():
     }
     heldout = _packed_rows(tokenizer, "slurp", "bundled:nlu/slurp/devel.jsonl")
     config = load_config("tiny")
+    # half the teacher's depth at its width, so that teacher layers can initialise it
+    shape = ModelShape(num_layers=2, hidden_size=128, num_heads=4, intermediate_size=512, max_positions=64, dropout=0.0)
     init_single_process_group()
     results = {}
-    for name, soft_ce in (("distilled", 1.0), ("mlm_only", 0.0)):
-        settings = config.distill.intermediate.model_copy(
+    for name, soft_ce, init in (("mlm_only", 0.0, "random"), ("distilled", 1.0, "random"), ("distilled_teacher_init", 1.0, "teacher_layers")):
+        base = config.distill.intermediate
+        settings = base.model_copy(
             update={
                 "steps": 150,
                 "switch": None,
                 "soft_targets": "all",
-                "weights": config.distill.intermediate.weights.model_copy(update={"soft_ce": soft_ce}),
-                "engine": config.distill.intermediate.engine.model_copy(
-                    update={"zero_stage": 0, "micro_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 20}
-                ),
+                "init": init,
+                "weights": base.weights.model_copy(update={"soft_ce": soft_ce}),
+                "engine": base.engine.model_copy(update={"zero_stage": 0, "micro_batch_size": 32, "learning_rate": 2e-3, "warmup_steps": 20}),
             }
         )
-        student = build_masked_lm(config.models["intermediate"], len(tokenizer), seed=0)
-        trainer = DistillTrainer(student, settings, [str(teacher)], len(tokenizer))
+        trainer = DistillTrainer(build_masked_lm(shape, len(tokenizer), seed=0), settings, [str(teacher)], len(tokenizer))
         batches = endless(RowSource(rows, 32, seed=0))
         for _ in range(settings.steps):
             trainer.train_step([next(batches)])
         results[name] = trainer.evaluate(heldout, batches=8, batch_size=32)
         trainer.engine.destroy()
-    distilled, mlm_only = results["distilled"], results["mlm_only"]
-    assert distilled["teacher_mask_fill_accuracy"] > 0.15, distilled  # the fixture teacher is past the plateau
-    assert distilled["mask_fill_accuracy"] > mlm_only["mask_fill_accuracy"] + 0.02, results
-    assert distilled["perplexity"] < mlm_only["perplexity"], results
+        print(f"{name}: held-out mask-filling accuracy {results[name]['mask_fill_accuracy']:.4f}, perplexity {results[name]['perplexity']:.1f}")
+    mlm_only = results["mlm_only"]
+    assert results["distilled"]["teacher_mask_fill_accuracy"] > 0.15, results  # the fixture teacher is past the plateau
+    assert results["distilled"]["perplexity"] < mlm_only["perplexity"], results
+    assert results["distilled_teacher_init"]["mask_fill_accuracy"] > mlm_only["mask_fill_accuracy"] + 0.03, results
+    assert results["distilled_teacher_init"]["perplexity"] < results["distilled"]["perplexity"], results
 
 
 def test_student_initialised_from_every_kth_teacher_layer():

@@ -288,11 +288,10 @@ def test_service_recovers_from_a_killed_replica(endpoint, nlu_models):
 
 
 def _replica_actor():
-    """One live replica actor of the NluService deployment."""
+    """One live replica actor of the NluService deployment (Serve names its replicas in namespace serve)."""
     import ray
-    from ray.util.state import list_actors
 
-    for actor in list_actors(filters=[("state", "=", "ALIVE")]):
-        if "NluService" in (actor.class_name or "") or "NluService" in (actor.name or ""):
-            return ray.get_actor(actor.name, namespace="serve")
-    raise AssertionError("no NluService replica actor found")
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == "serve" and "NluService" in entry["name"] and "REPLICA" in entry["name"].upper():
+            return ray.get_actor(entry["name"], namespace="serve")
+    raise AssertionError(f"no NluService replica among {ray.util.list_named_actors(all_namespaces=True)}")

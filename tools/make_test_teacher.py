@@ -48,7 +48,8 @@ def main() -> None:
     model.to(torch.float16).save_pretrained(str(FIXTURE), safe_serialization=True)
     (FIXTURE / "README.md").write_text(
         "Built by `python tools/make_test_teacher.py` (atm-ray's own Stage-1 loop, 3,000 steps on the SLURP and\n"
-        "xSID text of ../shared/data, see atm_ray/bundled_data/ATTRIBUTION.md for their licences). " + result.summary().replace("\n", "; ") + "\n"
+        "xSID text of ../shared/data, see atm_ray/bundled_data/ATTRIBUTION.md for their licences). Held-out metrics\n"
+        "at step 3000: " + "; ".join(result.summary().splitlines()[1:]).replace("  ", "") + "\n"
     )
 
 
