@@ -14,7 +14,6 @@ their records in the background every ``ledger_flush_s``.
 A client's mistake is always a 4xx with ``{"error": {"code", "message", "field"}}``; see ``ClientError``.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib
@@ -45,7 +44,8 @@ class ServeSettings:
     salt: str = "atm-ray"
     shadow: str | None = None  # an arm name: answered by the first arm, also run on this one off the path
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.002
+    # 0: a batch takes what queued while the previous one ran (no idle wait at low load)
+    batch_wait_timeout_s: float = 0.0
     max_text_chars: int = 1000
     max_body_bytes: int = 64 * 1024
     max_batch_items: int = 64
