@@ -273,11 +273,15 @@ def test_service_recovers_from_a_killed_replica(endpoint, nlu_models):
     try:
         with ThreadPoolExecutor(4) as pool:
             outcomes += list(pool.map(call, range(40)))
-            ray.kill(_replica_actor(), no_restart=True)
+            victim = _replica_names()[0]
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             outcomes += list(pool.map(call, range(40, 200)))
         deadline = time.time() + 60
-        while time.time() < deadline and serve.status().applications["nlu"].status != "RUNNING":
+        while time.time() < deadline and not (
+            serve.status().applications["nlu"].status == "RUNNING" and len(_replica_names()) == 2 and victim not in _replica_names()
+        ):
             time.sleep(0.5)
+        assert victim not in _replica_names() and len(_replica_names()) == 2  # Serve replaced the killed replica
         final = [call(index) for index in range(20)]
         failed = sum(outcome != 200 for outcome in outcomes)
         print(f"replica killed under load: {failed} of {len(outcomes)} requests failed; then {final.count(200)}/20 succeeded")
@@ -287,11 +291,16 @@ def test_service_recovers_from_a_killed_replica(endpoint, nlu_models):
         _deploy(nlu_models)
 
 
-def _replica_actor():
-    """One live replica actor of the NluService deployment (Serve names its replicas in namespace serve)."""
+def _replica_names() -> list[str]:
+    """The live NluService replica actors (Serve names its replicas in the namespace "serve")."""
     import ray
 
+    names = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] == "serve" and "NluService" in entry["name"] and "REPLICA" in entry["name"].upper():
-            return ray.get_actor(entry["name"], namespace="serve")
-    raise AssertionError(f"no NluService replica among {ray.util.list_named_actors(all_namespaces=True)}")
+            try:
+                ray.get_actor(entry["name"], namespace="serve")
+            except ValueError:
+                continue
+            names.append(entry["name"])
+    return sorted(names)
