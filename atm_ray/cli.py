@@ -130,6 +130,7 @@ def command_serve(args) -> None:
         "num_replicas": args.replicas,
         "num_cpus": args.cpus_per_replica,
         "torch_threads": args.torch_threads,
+        "quantize": args.quantize,
     }
     application = build_app(settings)
     init_ray(args.address)
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     serve_parser.add_argument("--torch-threads", type=int, default=1)
     serve_parser.add_argument("--max-batch-size", type=int, default=16)
+    serve_parser.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantisation (CPU)")
     serve_parser.add_argument("--address", default=None, help="a running Ray cluster (default: start a local one)")
     serve_parser.add_argument("--detach", action="store_true", help="return once deployed (with --address)")
     serve_parser.set_defaults(handler=command_serve)

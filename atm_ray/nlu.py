@@ -204,6 +204,17 @@ def tags_to_slots(tags: list[str], spans: list[tuple[int, int]], text: str) -> l
     return slots
 
 
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of every Linear layer (CPU inference): weights stored in int8,
+    activations quantised on the fly. About 2x faster at batch 1 for the 17M student on a CPU core."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # torch.ao's eager quantisation is marked deprecated in favour of torchao, which is not in our stack
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class Parser:
     """Utterances in, intents and slots out: ``Parser(model_dir).parse(["set an alarm for 7 am"])``.
 
@@ -211,11 +222,15 @@ class Parser:
     with character spans (end exclusive) into the original string.
     """
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 64):
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 64, quantize: str | None = None):
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: no config.json (not a fine-tuned model folder)")
         self.model = RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+        if quantize == "int8":
+            self.model = quantize_int8(self.model)
+        elif quantize is not None:
+            raise ValueError(f"quantize must be 'int8' or None, not {quantize!r}")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model_dir = model_dir
         self.batch_size = batch_size

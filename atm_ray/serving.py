@@ -50,6 +50,7 @@ class ServeSettings:
     max_body_bytes: int = 64 * 1024
     max_batch_items: int = 64
     torch_threads: int = 1
+    quantize: str | None = None  # "int8": dynamic int8 Linear layers (CPU); see tests for accuracy parity
     num_replicas: int = 1
     num_cpus: float = 1.0
     autoscaling: dict | None = None  # Serve's autoscaling_config; replaces num_replicas
@@ -229,7 +230,7 @@ def build_app(args: dict):
             self.arms = [Arm(arm["name"], arm["model_dir"], float(arm.get("weight", 1.0))) for arm in self.settings.arms]
             routed = [arm for arm in self.arms if arm.name != self.settings.shadow] if self.settings.shadow else self.arms
             self.router = ArmRouter(routed, self.settings.salt)
-            self.parsers = {arm.name: Parser(arm.model_dir) for arm in self.arms}
+            self.parsers = {arm.name: Parser(arm.model_dir, quantize=self.settings.quantize) for arm in self.arms}
             self.versions = {arm.name: model_version(arm.model_dir) for arm in self.arms}
             self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atm-ray-inference")
             self.batchers = {arm.name: self._batcher(arm.name) for arm in self.arms}

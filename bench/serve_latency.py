@@ -63,13 +63,13 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": 1000 * ordered[len(ordered) // 2], "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
 
-def in_process(model: Path, count: int) -> dict:
+def in_process(model: Path, count: int, quantize: str | None = None) -> dict:
     import torch
 
     from atm_ray.nlu import Parser
 
     torch.set_num_threads(1)
-    parser = Parser(model)
+    parser = Parser(model, quantize=quantize)
     for text in TEXTS:
         parser.parse([text])
     times = []
@@ -84,12 +84,17 @@ def http_load(url: str, sequential: int, concurrent: int, clients: int = 16) -> 
     session = requests.Session()
     for text in TEXTS:
         session.post(url, json={"text": text}, timeout=30).raise_for_status()
-    times = []
+    times, inside = [], []
     for index in range(sequential):
         started = time.perf_counter()
-        session.post(url, json={"text": TEXTS[index % len(TEXTS)], "user_id": f"u{index}"}, timeout=30).raise_for_status()
+        response = session.post(url, json={"text": TEXTS[index % len(TEXTS)], "user_id": f"u{index}"}, timeout=30)
         times.append(time.perf_counter() - started)
+        response.raise_for_status()
+        if "latency_ms" in response.json():
+            inside.append(response.json()["latency_ms"] / 1000)
     one = percentiles(times)
+    if inside:
+        one["in_replica_p50_ms"] = percentiles(inside)["p50_ms"]
     sessions = [requests.Session() for _ in range(clients)]
 
     def call(index: int) -> float:
@@ -153,7 +158,7 @@ def plain_fastapi(model: Path, sequential: int, concurrent: int) -> dict:
         os.unlink(handle.name)
 
 
-def serve_app(model: Path, arms: int, sequential: int, concurrent: int, batch: int) -> dict:
+def serve_app(model: Path, arms: int, sequential: int, concurrent: int, batch: int, quantize: str | None = None) -> dict:
     from ray import serve
 
     from atm_ray.serving import build_app
@@ -161,10 +166,11 @@ def serve_app(model: Path, arms: int, sequential: int, concurrent: int, batch: i
     arm_list = [{"name": "A", "model_dir": str(model), "weight": 90}]
     if arms == 2:
         arm_list.append({"name": "B", "model_dir": str(model), "weight": 10})
-    serve.run(build_app({"arms": arm_list, "max_batch_size": batch, "batch_wait_timeout_s": 0.001, "num_cpus": 1}),
-              name="bench", route_prefix="/")
+    serve.run(build_app({"arms": arm_list, "max_batch_size": batch, "num_cpus": 1, "quantize": quantize}), name="bench", route_prefix="/")
     try:
-        return http_load(f"{SERVE_URL}/v1/parse", sequential, concurrent)
+        result = http_load(f"{SERVE_URL}/v1/parse", sequential, concurrent)
+        batches = requests.get(f"{SERVE_URL}/v1/ab/report", timeout=30).json()["arms"]["A"]["batches"]
+        return {**result, "batches_arm_A": batches}
     finally:
         serve.delete("bench")
 
@@ -194,7 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--sequential", type=int, default=300)
-    parser.add_argument("--concurrent", type=int, default=1600)
+    parser.add_argument("--concurrent", type=int, default=800)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -204,27 +210,31 @@ def main() -> None:
 
         from atm_ray.stages import init_ray
 
-        results = {"model": str(args.model or "paper final shape, random weights"), "in_process": in_process(model, args.sequential)}
-        print("in-process Parser, batch 1:", results["in_process"], flush=True)
+        results = {"model": str(args.model or "paper final shape, random weights")}
+        for quantize in (None, "int8"):
+            results[f"in_process_{quantize or 'fp32'}"] = in_process(model, args.sequential, quantize)
+            print(f"in-process Parser ({quantize or 'fp32'}), batch 1:", results[f"in_process_{quantize or 'fp32'}"], flush=True)
         results["plain_fastapi"] = plain_fastapi(model, args.sequential, args.concurrent)
-        print("plain FastAPI + uvicorn:", results["plain_fastapi"], flush=True)
+        print("plain FastAPI + uvicorn (fp32):", results["plain_fastapi"], flush=True)
         init_ray()
         port = free_port()
         SERVE_URL = f"http://127.0.0.1:{port}"
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for arms in (1, 2):
-            results[f"serve_{arms}_arm"] = serve_app(model, arms, args.sequential, args.concurrent, args.max_batch_size)
-            print(f"Serve, {arms} arm(s):", results[f"serve_{arms}_arm"], flush=True)
+        for name, arms, quantize in (("serve_1_arm", 1, None), ("serve_2_arm", 2, None), ("serve_2_arm_int8", 2, "int8")):
+            results[name] = serve_app(model, arms, args.sequential, args.concurrent, args.max_batch_size, quantize)
+            print(f"{name}:", results[name], flush=True)
         serve.shutdown()
     results["ab_bookkeeping_us"] = ab_bookkeeping()
-    floor = results["in_process"]["p50_ms"]
-    serve_two, serve_one, plain = results["serve_2_arm"], results["serve_1_arm"], results["plain_fastapi"]
-    print("\nsummary (2-core CPU, loopback):")
-    print(f"  in-process p50 {floor:.2f} ms; Serve 1 client p50 {serve_two['one_client']['p50_ms']:.2f} ms "
-          f"(+{serve_two['one_client']['p50_ms'] - floor:.2f} ms), p99 {serve_two['one_client']['p99_ms']:.2f} ms")
-    print(f"  16 clients: Serve {serve_two['requests_per_second']:.0f} req/s (p99 {serve_two['loaded']['p99_ms']:.1f} ms), "
-          f"plain FastAPI {plain['requests_per_second']:.0f} req/s (p99 {plain['loaded']['p99_ms']:.1f} ms): "
-          f"{serve_two['requests_per_second'] / plain['requests_per_second']:.2f}x")
+    floor = results["in_process_fp32"]["p50_ms"]
+    serve_one, serve_two, plain = results["serve_1_arm"], results["serve_2_arm"], results["plain_fastapi"]
+    print("\nsummary (loopback; fp32 unless int8 is named):")
+    print(f"  in-process p50 {floor:.2f} ms (int8 {results['in_process_int8']['p50_ms']:.2f} ms); Serve 1 client p50 "
+          f"{serve_two['one_client']['p50_ms']:.2f} ms (+{serve_two['one_client']['p50_ms'] - floor:.2f} ms; in the replica "
+          f"{serve_two['one_client']['in_replica_p50_ms']:.2f} ms), p99 {serve_two['one_client']['p99_ms']:.2f} ms")
+    print(f"  16 clients: Serve {serve_two['requests_per_second']:.0f} req/s (p99 {serve_two['loaded']['p99_ms']:.1f} ms, "
+          f"mean batch {serve_two['batches_arm_A']['mean_size']:.1f}), int8 {results['serve_2_arm_int8']['requests_per_second']:.0f} req/s "
+          f"(p99 {results['serve_2_arm_int8']['loaded']['p99_ms']:.1f} ms); plain FastAPI {plain['requests_per_second']:.0f} req/s "
+          f"(p99 {plain['loaded']['p99_ms']:.1f} ms): Serve / plain {serve_two['requests_per_second'] / plain['requests_per_second']:.2f}x")
     print(f"  1 client: Serve p50 / plain FastAPI p50 = {serve_two['one_client']['p50_ms'] / plain['one_client']['p50_ms']:.2f}x")
     print(f"  A/B layer: 2 arms vs 1 arm p50 {serve_two['one_client']['p50_ms'] - serve_one['one_client']['p50_ms']:+.2f} ms; "
           f"routing + recording {results['ab_bookkeeping_us']:.1f} us per request in process")

@@ -9,6 +9,8 @@ import torch
 
 from atm_ray.cli import main
 from atm_ray.config import load_config
+from atm_ray.data.files import resolve
+from atm_ray.data.readers import read_nlu
 from atm_ray.finetune import NluTrainer, fit, load_nlu_data, run_finetune
 from atm_ray.nlu import (
     UNKNOWN_LABEL,
@@ -174,3 +176,19 @@ def test_evaluate_command_writes_the_comparison(encoder_dir, tmp_path, capsys):
     assert same["count"] == 700  # the bundled SNIPS test split
     assert same["exact_match_relative_error"] == 0.0
     assert "| same |" in (output / "comparison.md").read_text() and "| same |" in capsys.readouterr().out
+
+
+def test_int8_parser_keeps_accuracy(nlu_models):
+    """Dynamic int8 quantisation (the serving option for CPUs) changes scores by at most a point."""
+    from atm_ray.nlu_metrics import nlu_scores
+
+    records, _ = read_nlu("jointbert", resolve(f"{SNIPS}/test"))
+    words = [record["tokens"] for record in records]
+    full = nlu_scores(records, Parser(nlu_models["A"]).predict(words))
+    quantized = Parser(nlu_models["A"], quantize="int8")
+    assert any("quantized" in type(module).__module__ for module in quantized.model.modules())
+    int8 = nlu_scores(records, quantized.predict(words))
+    print(f"fp32 vs int8 on SNIPS test: intent {full['intent_accuracy']:.4f} / {int8['intent_accuracy']:.4f}, "
+          f"slot F1 {full['slot_f1']:.4f} / {int8['slot_f1']:.4f}, exact match {full['exact_match']:.4f} / {int8['exact_match']:.4f}")
+    for metric in ("intent_accuracy", "slot_f1", "exact_match"):
+        assert abs(full[metric] - int8[metric]) <= 0.01, (metric, full[metric], int8[metric])
