@@ -304,3 +304,28 @@ def _replica_names() -> list[str]:
                 continue
             names.append(entry["name"])
     return sorted(names)
+
+
+def test_serve_config_is_valid_for_serve_deploy():
+    """serve/config.yaml passes Ray's own schema, binds loopback, and its import path is our builder."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from atm_ray.serving import ServeSettings, build_app
+
+    root = Path(__file__).resolve().parents[1]
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((root / "serve" / "config.yaml").read_text()))
+    assert schema.http_options.host == "127.0.0.1"
+    (application,) = schema.applications
+    module_name, _, attribute = application.import_path.partition(":")
+    sys.path.insert(0, str(root))
+    try:
+        assert getattr(importlib.import_module(module_name), attribute) is build_app
+    finally:
+        sys.path.remove(str(root))
+    fields = set(ServeSettings.__dataclass_fields__)
+    assert set(application.args) <= fields, set(application.args) - fields
