@@ -167,7 +167,7 @@ def all_lowercase(records: list[dict]) -> bool:
     return all(word == word.lower() for record in records for word in record["tokens"])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int = 64) -> list[dict]:
     """Intent, its probability and a BIO tag per word for each word list (words past the model's
     length get ``O``)."""
