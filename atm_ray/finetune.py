@@ -39,7 +39,7 @@ from atm_ray.nlu import (
     predict_words,
 )
 from atm_ray.nlu_metrics import nlu_scores
-from atm_ray.utils import atomic_write_json, atomic_write_text, read_json
+from atm_ray.utils import atomic_write_json, atomic_write_text, publish_copy, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def train_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            trainer.load_state(torch.load(Path(directory) / STATE_FILE, weights_only=False))
+            trainer.load_state(torch.load(Path(directory) / STATE_FILE, weights_only=True))
         logger.info("rank %d resumed after epoch %d", rank, trainer.epoch)
     forward = ray.train.torch.prepare_model(trainer.model)
     shard = ray.train.get_dataset_shard("train")
@@ -440,7 +440,7 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
     trainer = build_nlu_trainer(config, plan, _steps_per_epoch(len(data.train), settings))
     latest = Path(plan.stage_dir) / "checkpoints" / "latest"
     if (latest / STATE_FILE).is_file():
-        trainer.load_state(torch.load(latest / STATE_FILE, weights_only=False))
+        trainer.load_state(torch.load(latest / STATE_FILE, weights_only=True))
     rows = len(encoded["intent_labels"])
 
     def epoch_batches(epoch: int):
@@ -480,15 +480,11 @@ def _finish(config: Config, plan: FinetunePlan, data: NluData, final_checkpoint:
 
     stage_dir = Path(plan.stage_dir)
     export_dir = stage_dir / EXPORT_DIR
-    partial = stage_dir / f".{EXPORT_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(final_checkpoint / EXPORT_DIR, partial)
-    history = torch.load(final_checkpoint / STATE_FILE, weights_only=False)["history"]
-    test = nlu_scores(data.test, Parser(partial).predict([record["tokens"] for record in data.test]))
+    history = torch.load(final_checkpoint / STATE_FILE, weights_only=True)["history"]
     best = max(history, key=lambda metrics: metrics["dev/exact_match"])
-    atomic_write_text(partial / "README.md", model_card(config, plan, data, best, test))
-    shutil.rmtree(export_dir, ignore_errors=True)
-    partial.replace(export_dir)
+    with publish_copy(final_checkpoint / EXPORT_DIR, export_dir) as staging:
+        test = nlu_scores(data.test, Parser(staging).predict([record["tokens"] for record in data.test]))
+        atomic_write_text(staging / "README.md", model_card(config, plan, data, best, test))
     atomic_write_json(stage_dir / "metrics.json", history)
     atomic_write_json(stage_dir / "test_scores.json", test)
     manifest = {

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -53,7 +53,6 @@ class ServeSettings:
     num_cpus: float = 1.0
     autoscaling: dict | None = None  # Serve's autoscaling_config; replaces num_replicas
     ledger_flush_s: float = 0.1
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.arms = [dict(arm) for arm in self.arms]

@@ -44,7 +44,7 @@ from atm_ray.engine import (
 from atm_ray.modeling import build_masked_lm
 from atm_ray.prepare import PreparedData
 from atm_ray.tokenizer import load_tokenizer
-from atm_ray.utils import atomic_write_json, read_json
+from atm_ray.utils import atomic_write_json, publish_copy, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -366,12 +366,8 @@ def _finish_stage(plan: StagePlan, prepared: PreparedData, final_checkpoint: Pat
     """Copy the export out of the final checkpoint, add the tokenizer, write metrics and the manifest."""
     stage_dir = Path(plan.stage_dir)
     export_dir = stage_dir / EXPORT_DIR
-    partial = stage_dir / f".{EXPORT_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(final_checkpoint / EXPORT_DIR, partial)
-    load_tokenizer(prepared.tokenizer_dir).save_pretrained(str(partial))
-    shutil.rmtree(export_dir, ignore_errors=True)
-    partial.replace(export_dir)
+    with publish_copy(final_checkpoint / EXPORT_DIR, export_dir) as staging:
+        load_tokenizer(prepared.tokenizer_dir).save_pretrained(str(staging))
     history = json.loads((final_checkpoint / HISTORY_FILE).read_text())
     atomic_write_json(stage_dir / "metrics.json", history)
     metrics = history[-1] if history else {}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +34,16 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+@contextmanager
+def publish_copy(source: str | Path, destination: str | Path) -> Iterator[Path]:
+    """Copy ``source`` to a staging folder beside ``destination`` and yield it for additions; when the
+    block ends without error, the staging folder replaces ``destination`` (readers never see half of it)."""
+    destination = Path(destination)
+    staging = destination.parent / f".{destination.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    yield staging
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.replace(destination)
