@@ -6,7 +6,9 @@
     atm-ray distill --student intermediate --preset tiny
     atm-ray finetune --preset tiny [--model DIR | --scratch] [--data FORMAT:PATH ...] [--freeze-encoder]
     atm-ray evaluate --models scratch=DIR pipeline=DIR [--data FORMAT:PATH] [--baseline scratch]
-    atm-ray pipeline --preset tiny
+    atm-ray sweep --preset tiny --student final [--name NAME] [--fresh]
+    atm-ray pipeline --preset tiny [--overrides-file runs/tiny/sweep_final/best_overrides.yaml]
+    atm-ray report runs/tiny
     atm-ray serve --model A=DIR --model B=DIR --split 90:10 [--shadow B] [--port 8000]
 """
 
@@ -24,11 +26,15 @@ from atm_ray.data.readers import DataFormatError
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="tiny, cpu, paper, or a YAML file")
     parser.add_argument("--run-dir", type=Path, default=None, help="where the run's stages write (default: the preset's run_dir)")
+    parser.add_argument(
+        "--overrides-file", action="append", default=[], metavar="FILE",
+        help="a YAML mapping of preset values, e.g. a sweep's best_overrides.yaml (repeatable; key=value wins)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override preset values")
 
 
 def _config(args):
-    config = load_config(args.preset, args.overrides)
+    config = load_config(args.preset, args.overrides, args.overrides_file)
     if args.run_dir is not None:
         config.run_dir = str(args.run_dir)
     return config
@@ -152,6 +158,26 @@ def command_pipeline(args) -> None:
     run_pipeline(_config(args))
 
 
+def command_sweep(args) -> int:
+    from atm_ray.sweep import SweepInterrupted, run_sweep
+
+    config = _config(args)
+    if args.student:
+        config.sweep.student = args.student
+    try:
+        print(run_sweep(config, name=args.name, fresh=args.fresh).summary())
+    except SweepInterrupted as interrupted:
+        print(f"atm-ray: {interrupted}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def command_report(args) -> None:
+    from atm_ray.report import write_report
+
+    print(f"written: {write_report(args.run_dir)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atm-ray", description="Alexa Teacher Model pipeline on Ray")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -228,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_parser = commands.add_parser("pipeline", help="every stage, skipping those already done")
     _add_common(pipeline_parser)
     pipeline_parser.set_defaults(handler=command_pipeline)
+
+    sweep_parser = commands.add_parser("sweep", help="Ray Tune search over a distillation stage's weights (ASHA)")
+    _add_common(sweep_parser)
+    sweep_parser.add_argument("--student", choices=("intermediate", "final"), default=None,
+                              help="the stage to sweep (default: sweep.student of the preset)")
+    sweep_parser.add_argument("--name", default=None, help="sweep folder under the run folder (default: sweep_<student>)")
+    sweep_parser.add_argument("--fresh", action="store_true", help="delete an earlier sweep of that name first")
+    sweep_parser.set_defaults(handler=command_sweep)
+
+    report_parser = commands.add_parser("report", help="rebuild RUN_DIR/report.md and its plots from the stages' metrics")
+    report_parser.add_argument("run_dir", type=Path)
+    report_parser.set_defaults(handler=command_report)
     return parser
 
 
@@ -238,13 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        args.handler(args)
+        code = args.handler(args)
     except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as error:
         if args.verbose:
             raise
         print(f"atm-ray: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

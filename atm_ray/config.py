@@ -184,6 +184,81 @@ class FinetuneConfig(Strict):
     num_workers: int = Field(default=1, gt=0)
 
 
+class SweepParameter(Strict):
+    """One swept value: ``values`` (a grid, or a choice under random search) or a range ``low``..``high``
+    (uniform, or log-uniform with ``log: true``; random search only)."""
+
+    values: list[float] | None = Field(default=None, min_length=1)
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _values_or_range(self) -> "SweepParameter":
+        if (self.values is None) == (self.low is None or self.high is None):
+            raise ValueError("give either values or both low and high")
+        if self.low is not None and self.high is not None:
+            if self.low >= self.high:
+                raise ValueError(f"low {self.low} is not below high {self.high}")
+            if self.log and self.low <= 0:
+                raise ValueError("a log range needs low > 0")
+        return self
+
+
+class DownstreamConfig(Strict):
+    """A short fine-tune of each trial's student on ``finetune``'s data; adds ``downstream/*`` dev scores."""
+
+    epochs: int = Field(default=2, gt=0)
+    max_train_records: int | None = Field(default=2000, gt=0)
+
+
+class SweepConfig(Strict):
+    """A Ray Tune search over one distillation stage's settings (``atm-ray sweep``)."""
+
+    student: Literal["intermediate", "final"] = "final"
+    search: Literal["grid", "random"] = "random"
+    # random: the number of trials; grid: how many times the whole grid runs
+    num_samples: int = Field(default=8, gt=0)
+    # keys under distill.<student>, e.g. weights.soft_ce, temperature, engine.learning_rate
+    space: dict[str, SweepParameter] = Field(
+        default_factory=lambda: {
+            "weights.soft_ce": SweepParameter(low=0.25, high=4.0, log=True),
+            "weights.mlm": SweepParameter(low=0.25, high=4.0, log=True),
+            "weights.hidden": SweepParameter(low=0.1, high=4.0, log=True),
+            "temperature": SweepParameter(values=[1.0, 2.0, 4.0]),
+            "engine.learning_rate": SweepParameter(low=2e-4, high=3e-3, log=True),
+        }
+    )
+    steps: int | None = Field(default=None, gt=0)  # each trial's length (default: the stage's steps)
+    eval_every: int | None = Field(default=None, gt=0)  # also each trial's checkpoint interval
+    metric: str = "spoken/mask_fill_accuracy"  # what ASHA compares, reported at every evaluation
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int | None = Field(default=None, gt=0)  # steps before ASHA may stop a trial (default: 2 evaluations)
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+    max_concurrent_trials: int = Field(default=2, gt=0)
+    cpus_per_trial: float = Field(default=0.5, gt=0)  # the Tune trial itself (it drives its own Ray Train run)
+    num_workers: int = Field(default=1, gt=0)
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    downstream: DownstreamConfig | None = None
+    # what picks the best trial: metric by default; downstream/exact_match needs downstream
+    select_by: str | None = None
+    select_mode: Literal["max", "min"] | None = None
+
+    @model_validator(mode="after")
+    def _grid_has_values(self) -> "SweepConfig":
+        if not self.space:
+            raise ValueError("space: nothing to sweep")
+        if self.search == "grid":
+            for key, parameter in self.space.items():
+                if parameter.values is None:
+                    raise ValueError(f"space.{key}: grid search needs a list of values")
+        if (self.select_by or "").startswith("downstream/") and self.downstream is None:
+            raise ValueError(f"select_by {self.select_by} needs sweep.downstream")
+        return self
+
+
 class PretrainConfig(Strict):
     model: str = "teacher"
     mask_probability: float = Field(default=0.15, gt=0, lt=1)
@@ -202,6 +277,7 @@ class Config(Strict):
     distill: DistillConfig
     finetune: FinetuneConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="after")
     def _models_exist(self) -> "Config":
@@ -290,13 +366,47 @@ def load_preset_tree(preset: str) -> dict:
     return tree
 
 
-def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a preset by name (or a YAML path) and apply ``key.sub=value`` overrides."""
+def read_override_file(path: str | Path) -> list[tuple[list[str], Any]]:
+    """The leaves of a YAML mapping (such as a sweep's ``best_overrides.yaml``) as override paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"override file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override file {path}: not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"override file {path}: top level must be a mapping")
+    leaves: list[tuple[list[str], Any]] = []
+
+    def walk(node: dict, prefix: list[str]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, [*prefix, str(key)])
+            else:
+                leaves.append(([*prefix, str(key)], value))
+
+    walk(tree, [])
+    return leaves
+
+
+def load_config(
+    preset: str, overrides: list[str] | tuple[str, ...] = (), override_files: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Load a preset by name (or a YAML path), apply override files (YAML mappings, in order), then
+    ``key.sub=value`` overrides."""
     tree = load_preset_tree(preset)
+    for path in override_files:
+        for keys, value in read_override_file(path):
+            apply_override(tree, keys, value)
     for override in overrides:
         apply_override(tree, *parse_override(override))
     try:
         return Config.model_validate(tree)
     except ValidationError as error:
-        origin = f"preset {preset}" + (f" with overrides {list(overrides)}" if overrides else "")
+        origin = f"preset {preset}"
+        if override_files:
+            origin += f" with override files {[str(path) for path in override_files]}"
+        if overrides:
+            origin += f" with overrides {list(overrides)}"
         raise ConfigError(_format_validation_error(error, origin)) from None

@@ -264,8 +264,14 @@ def plan_finetune(config: Config, data: NluData, encoder_dir: Path, name: str, s
     if not (encoder_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{encoder_dir}: no tokenizer.json beside the model")
     intent_labels, slot_labels = label_maps(data.train)
-    parent_manifest = encoder_dir.parent / "manifest.json"
-    parent_hash = read_json(parent_manifest)["config_hash"] if parent_manifest.is_file() else str(encoder_dir.resolve())
+    if scratch:
+        # only the architecture and the tokenizer come from the parent: retraining it does not change the baseline
+        parent_hash = hashlib.sha256(
+            (encoder_dir / "config.json").read_bytes() + (encoder_dir / "tokenizer.json").read_bytes()
+        ).hexdigest()[:16]
+    else:
+        parent_manifest = encoder_dir.parent / "manifest.json"
+        parent_hash = read_json(parent_manifest)["config_hash"] if parent_manifest.is_file() else str(encoder_dir.resolve())
     sections = {
         "settings": settings.model_dump(mode="json"),
         "root": config.data.root,

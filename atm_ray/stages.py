@@ -206,23 +206,30 @@ def _fail_settings(stage_dir: str) -> dict:
     return {"fail_at_step": int(step), "fail_rank": int(rank or 0), "fail_marker": str(Path(stage_dir) / "fault-injected")}
 
 
-def loop_settings(config: Config, plan: StagePlan, initial_checksum: float, fail: dict) -> LoopSettings:
+def loop_settings(config: Config, plan: StagePlan, initial_checksum: float, fail: dict, resumed_from: int = 0) -> LoopSettings:
     settings = stage_settings(config, plan)
     return LoopSettings(
         steps=settings.steps,
         eval_every=settings.eval_every,
         eval_batches=settings.eval_batches,
         checkpoint_every=settings.checkpoint_every,
-        extra_metrics={"initial_weights_checksum": initial_checksum},
+        # resumed_from_step: the step this run of the stage started at (0: from the beginning)
+        extra_metrics={"initial_weights_checksum": initial_checksum, "resumed_from_step": resumed_from},
         **fail,
     )
 
 
-def _append_metrics_log(stage_dir: str, metrics: dict) -> None:
-    """Live metrics for people watching a run (best effort: the folder may be on another node)."""
-    if os.path.isdir(stage_dir) and "written/mlm_loss" in metrics:
+def _append_metrics_log(stage_dir: str, metrics: dict, steps: int) -> None:
+    """Live metrics for people watching a run (best effort: the folder may be on another node), and a
+    progress line on the driver's console."""
+    if "written/mlm_loss" not in metrics:
+        return
+    if os.path.isdir(stage_dir):
         with open(os.path.join(stage_dir, "metrics.jsonl"), "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
+    shown = [f"{name} {metrics[name]:.4g}" for name in ("train_loss", "written/perplexity", "spoken/perplexity",
+                                                           "spoken/mask_fill_accuracy") if name in metrics]
+    print(f"[{Path(stage_dir).name}] step {metrics['step']}/{steps}: {', '.join(shown)}", flush=True)
 
 
 # ---------------------------------------------------------------------- Ray Train
@@ -260,7 +267,9 @@ def train_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             position = trainer.load_checkpoint(directory)
-        logger.info("rank %d resumed at step %d", rank, trainer.step)
+        if rank == 0:
+            print(f"[{plan.name}] resumed from the checkpoint of step {trainer.step}", flush=True)
+    resumed_from = trainer.step
 
     primary_size, replay_size = split_batch_size(settings.engine.micro_batch_size, plan.replay_fraction)
     batches = endless(RayShardSource(loop_config["train_shards"][rank], primary_size, config.seed), position)
@@ -270,7 +279,7 @@ def train_worker(loop_config: dict) -> None:
 
     def report(metrics: dict, directory: str | None) -> None:
         if rank == 0:
-            _append_metrics_log(plan.stage_dir, metrics)
+            _append_metrics_log(plan.stage_dir, metrics, settings.steps)
         saved = ray.train.Checkpoint.from_directory(directory) if directory else None
         ray.train.report(metrics, checkpoint=saved)
         if directory:
@@ -280,15 +289,17 @@ def train_worker(loop_config: dict) -> None:
         trainer,
         mixed(batches, replay),
         loop_config["heldout"],
-        loop_settings(config, plan, initial_checksum, loop_config["fail"]),
+        loop_settings(config, plan, initial_checksum, loop_config["fail"], resumed_from),
         report,
         checkpoint_dir=lambda: tempfile.mkdtemp(prefix="atm-ray-checkpoint-"),
     )
     torch.distributed.barrier()
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join ``address`` (or the cluster of a submitted job), else start a local Ray for this program."""
+def init_ray(address: str | None = None, dashboard: bool = False) -> None:
+    """Join ``address`` (or the cluster of a submitted job), else start a local Ray for this program
+    (with its dashboard when ``dashboard``: Ray's state API lives there, and Ray Train V2 uses it to
+    release the resources of a run whose driver was killed, as Tune does to trials that ASHA stops)."""
     import ray
 
     environment = {
@@ -311,11 +322,13 @@ def init_ray(address: str | None = None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
-        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
+                 logging_level=logging.WARNING)
 
 
-def run_stage(config: Config, plan: StagePlan, prepared: PreparedData) -> StageResult:
-    """Run (or resume, or skip when finished) one stage under Ray Train."""
+def run_stage(config: Config, plan: StagePlan, prepared: PreparedData, callbacks: list | None = None) -> StageResult:
+    """Run (or resume, or skip when finished) one stage under Ray Train (``callbacks``: Ray Train
+    callbacks, e.g. Tune's ``TuneReportCallback`` when a sweep trial runs the stage)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -354,6 +367,7 @@ def run_stage(config: Config, plan: StagePlan, prepared: PreparedData) -> StageR
             storage_path=cluster.storage_path or str(stage_dir / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
+            callbacks=callbacks,
         ),
     )
     logger.info("%s: %d workers, %d steps, run folder %s", plan.name, workers, settings.steps, stage_dir)
@@ -402,6 +416,8 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
     latest = sorted(checkpoints.glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
     if latest:
         position = trainer.load_checkpoint(latest[-1])
+        print(f"[{plan.name}] resumed from the checkpoint of step {trainer.step}", flush=True)
+    resumed_from = trainer.step
     rank, world = trainer.rank, trainer.world_size
     primary_size, replay_size = split_batch_size(settings.engine.micro_batch_size, plan.replay_fraction)
     batches = endless(RowSource(read_rows(plan.train_dir), primary_size, rank, world, config.seed), position)
@@ -417,7 +433,7 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
 
     def report(metrics: dict, directory: str | None) -> None:
         if rank == 0:
-            _append_metrics_log(plan.stage_dir, metrics)
+            _append_metrics_log(plan.stage_dir, metrics, settings.steps)
         if directory and rank == 0:
             final = checkpoints / f"step-{trainer.step}"
             shutil.rmtree(final, ignore_errors=True)
@@ -430,7 +446,7 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
         trainer,
         mixed(batches, replay),
         heldout_rows(plan, settings),
-        loop_settings(config, plan, initial_checksum, _fail_settings(plan.stage_dir)),
+        loop_settings(config, plan, initial_checksum, _fail_settings(plan.stage_dir), resumed_from),
         report,
         checkpoint_dir,
     )

@@ -10,6 +10,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(os.environ.get("ATM_RAY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# Every training stage of the tiny preset cut to a few steps (the teacher switch happens on the first
+# evaluation without a gain of 100, that is the second one).
+SHORT_STAGES = [
+    "pretrain.stage1.steps=40", "pretrain.stage1.eval_every=20", "pretrain.stage1.checkpoint_every=40",
+    "pretrain.stage2.steps=10", "pretrain.stage2.eval_every=10", "pretrain.stage2.checkpoint_every=10",
+    "distill.intermediate.steps=12", "distill.intermediate.eval_every=3", "distill.intermediate.checkpoint_every=3",
+    "distill.intermediate.engine.warmup_steps=2",
+    "distill.intermediate.switch={metric: written/mlm_loss, patience: 1, min_delta: 100.0}",
+    "distill.continuation.steps=4", "distill.continuation.eval_every=2", "distill.continuation.checkpoint_every=2",
+    "distill.final.steps=6", "distill.final.eval_every=3", "distill.final.checkpoint_every=3",
+    "distill.final.engine.warmup_steps=2",
+]
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

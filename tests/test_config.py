@@ -95,3 +95,26 @@ def test_config_show_prints_every_model(capsys):
 def test_cli_reports_config_errors(capsys):
     assert main(["config", "show", "--preset", "tiny", "cluster.num_workerz=2"]) == 2
     assert "cluster.num_workerz: unknown key" in capsys.readouterr().err
+
+
+def test_override_file_is_applied_before_key_value_overrides(tmp_path):
+    overrides = tmp_path / "best_overrides.yaml"
+    overrides.write_text("distill:\n  final:\n    temperature: 3.0\n    weights: {soft_ce: 0.5, hidden: 2.0}\n")
+    config = load_config("tiny", ["distill.final.weights.hidden=1.5"], [str(overrides)])
+    assert config.distill.final.temperature == 3.0
+    assert config.distill.final.weights.soft_ce == 0.5
+    assert config.distill.final.weights.hidden == 1.5  # key=value wins
+    assert config.distill.final.weights.mlm == 1.0  # untouched keys keep the preset's value
+
+
+def test_override_file_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill:\n  final:\n    temprature: 3.0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml[\s\S]*distill.final.temprature: unknown key"):
+        load_config("tiny", [], [str(bad)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("tiny", [], [str(tmp_path / "missing.yaml")])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config("tiny", [], [str(listed)])

@@ -8,24 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, SHORT_STAGES
 
 from atm_ray.config import load_config
 from atm_ray.distill import run_distill
 from atm_ray.engine import FAULT_EXIT_CODE
 from atm_ray.pretrain import run_pretrain_stage
 
-SHORT = [
-    "pretrain.stage1.steps=40", "pretrain.stage1.eval_every=20", "pretrain.stage1.checkpoint_every=40",
-    "pretrain.stage2.steps=10", "pretrain.stage2.eval_every=10", "pretrain.stage2.checkpoint_every=10",
-    "distill.intermediate.steps=12", "distill.intermediate.eval_every=3", "distill.intermediate.checkpoint_every=3",
-    "distill.intermediate.engine.warmup_steps=2",
-    # the switch happens on the first evaluation without a gain of 100 (that is, the second one)
-    "distill.intermediate.switch={metric: written/mlm_loss, patience: 1, min_delta: 100.0}",
-    "distill.continuation.steps=4", "distill.continuation.eval_every=2", "distill.continuation.checkpoint_every=2",
-    "distill.final.steps=6", "distill.final.eval_every=3", "distill.final.checkpoint_every=3",
-    "distill.final.engine.warmup_steps=2",
-]
+SHORT = SHORT_STAGES
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,10 @@
-"""`ray job submit` against a real local head: the job entry points work as their runbooks say."""
+"""`ray job submit` against a real local head: the job entry points work as their runbooks say; the
+tiny pipeline end to end as a submitted job, then rerun by the CLI to check stage-level resume."""
 
+import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -9,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SHORT_STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -67,20 +72,17 @@ def ray_head(tmp_path_factory):
     head.wait(timeout=60)
 
 
-def test_pretrain_job_submitted_to_a_local_head(ray_head, tmp_path):
+def _submit_and_wait(client, entrypoint: str, timeout: float = 600) -> str:
+    """Submit ``entrypoint`` with this checkout as the working dir; wait for success; return the logs."""
     from ray.job_submission import JobStatus
 
-    run_dir = tmp_path / "run"
     submission = dict(
-        entrypoint=(
-            f"python jobs/pretrain_teacher.py --stage 1 --preset tiny --run-dir {run_dir} "
-            "pretrain.stage1.steps=6 pretrain.stage1.eval_every=3 pretrain.stage1.checkpoint_every=3"
-        ),
+        entrypoint=entrypoint,
         runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}},
     )
     for _ in range(60):  # the head's job agent comes up a little after its dashboard
         try:
-            job = ray_head.submit_job(**submission)
+            job = client.submit_job(**submission)
             break
         except RuntimeError as error:
             if "No available agent" not in str(error):
@@ -88,12 +90,122 @@ def test_pretrain_job_submitted_to_a_local_head(ray_head, tmp_path):
             time.sleep(2)
     else:
         pytest.fail("the local head never accepted the job")
-    deadline = time.time() + 600
-    status = ray_head.get_job_status(job)
+    deadline = time.time() + timeout
+    status = client.get_job_status(job)
     while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
         time.sleep(2)
-        status = ray_head.get_job_status(job)
-    logs = ray_head.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+        status = client.get_job_status(job)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    return logs
+
+
+def test_pretrain_job_submitted_to_a_local_head(ray_head, tmp_path):
+    run_dir = tmp_path / "run"
+    logs = _submit_and_wait(
+        ray_head,
+        f"python jobs/pretrain_teacher.py --stage 1 --preset tiny --run-dir {run_dir} "
+        "pretrain.stage1.steps=6 pretrain.stage1.eval_every=3 pretrain.stage1.checkpoint_every=3",
+    )
     assert "teacher_stage1 finished" in logs
     assert (run_dir / "teacher_stage1" / "export" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- the whole pipeline
+
+# the tiny preset with every stage cut short: one worker, a slice of SNIPS, one or two epochs
+PIPELINE = [
+    *SHORT_STAGES, "cluster.num_workers=1",
+    "finetune.train.0.max_records=400", "finetune.dev.0.max_records=100", "finetune.test.0.max_records=100",
+    "finetune.max_epochs=2",
+]
+STAGES = ["prepare", "teacher_stage1", "teacher_stage2", "intermediate_distill", "intermediate_continue",
+          "final_distill", "finetune_scratch", "finetune_student"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(ray_head, tmp_path_factory):
+    """The tiny pipeline submitted to the local head with `ray job submit`'s client; its run folder."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    logs = _submit_and_wait(ray_head, f"python jobs/pipeline.py --preset tiny --run-dir {run_dir} {' '.join(shlex.quote(o) for o in PIPELINE)}", 1200)
+    return run_dir, logs
+
+
+def _manifests(run_dir: Path) -> dict[str, tuple[str, float]]:
+    return {stage: (json.loads((run_dir / stage / "manifest.json").read_text())["config_hash"],
+                    (run_dir / stage / "manifest.json").stat().st_mtime) for stage in STAGES}
+
+
+def _pipeline(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
+    """`atm-ray pipeline` in its own process (its own local Ray), in a new session so it can be killed whole."""
+    command = [sys.executable, "-m", "atm_ray.cli", "pipeline", "--preset", "tiny", "--run-dir", str(run_dir), *PIPELINE, *overrides]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+
+
+def test_pipeline_job_runs_every_stage_and_writes_the_report(pipeline_run):
+    run_dir, logs = pipeline_run
+    for number in range(1, 10):
+        assert f"[pipeline] {number}/9" in logs
+    for stage in STAGES:
+        assert (run_dir / stage / "manifest.json").is_file(), stage
+    assert (run_dir / "final_distill" / "export" / "model.safetensors").is_file()
+    assert "relative error" in (run_dir / "evaluation" / "comparison.md").read_text().lower()
+    report = (run_dir / "report.md").read_text()
+    for section in ("## Stages", "## Parameter counts", "## Teacher switch", "## Mask filling", "## NLU comparison"):
+        assert section in report
+    assert "switched from the Stage-1 to the Stage-2 teacher at step 6" in report
+    for figure in ("loss_perplexity.png", "mask_filling.png", "finetuning.png"):
+        assert f"report/{figure}" in report and (run_dir / "report" / figure).stat().st_size > 5_000
+    # `atm-ray report` rebuilds it
+    os.remove(run_dir / "report.md")
+    rebuilt = subprocess.run([sys.executable, "-m", "atm_ray.cli", "report", str(run_dir)], capture_output=True, text=True)
+    assert rebuilt.returncode == 0 and (run_dir / "report.md").read_text().count("## ") == report.count("## ")
+
+
+def test_changed_stage_reruns_with_the_later_ones(pipeline_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(pipeline_run[0], run_dir, symlinks=True)
+    before = _manifests(run_dir)
+    process = _pipeline(run_dir, "distill.final.temperature=2.0")
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-4000:]
+    after = _manifests(run_dir)
+    # the scratch baseline takes only the final student's architecture: it does not rerun either
+    for stage in ("prepare", "teacher_stage1", "teacher_stage2", "intermediate_distill", "intermediate_continue", "finetune_scratch"):
+        assert after[stage] == before[stage], f"{stage} reran"
+    for stage in ("final_distill", "finetune_student"):
+        assert after[stage][0] != before[stage][0], f"{stage} did not rerun"
+    assert "intermediate_continue up to date" in output and "final_distill finished" in output
+    assert json.loads((run_dir / "final_distill" / "manifest.json").read_text())["metrics"]["resumed_from_step"] == 0
+
+
+def test_pipeline_killed_during_distillation_resumes_that_stage(pipeline_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(pipeline_run[0], run_dir, symlinks=True)
+    before = _manifests(run_dir)
+    longer = ["distill.final.steps=30", "distill.final.eval_every=5", "distill.final.checkpoint_every=5"]
+    started = time.time()
+    process = _pipeline(run_dir, *longer)
+    deadline = started + 600
+    while time.time() < deadline and process.poll() is None:
+        # a checkpoint of the new run (the earlier run's folder is there too, under its own config hash)
+        if any(path.stat().st_mtime > started for path in (run_dir / "final_distill" / "ray").glob("*/checkpoint_*")):
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, "the pipeline ended before final_distill wrote a checkpoint"
+    time.sleep(1.0)  # past Ray Train's report poll, so the checkpoint is registered
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    process.wait(timeout=60)
+    assert json.loads((run_dir / "final_distill" / "manifest.json").read_text())["config_hash"] == before["final_distill"][0]
+
+    rerun = _pipeline(run_dir, *longer)
+    output, _ = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, output[-4000:]
+    after = _manifests(run_dir)
+    for stage in ("prepare", "teacher_stage1", "teacher_stage2", "intermediate_distill", "intermediate_continue", "finetune_scratch"):
+        assert after[stage] == before[stage], f"{stage} reran"
+    history = json.loads((run_dir / "final_distill" / "metrics.json").read_text())
+    assert [entry["step"] for entry in history] == [5, 10, 15, 20, 25, 30]
+    assert history[0]["resumed_from_step"] == 0 and history[-1]["resumed_from_step"] >= 5, history
+    assert "[final_distill] resumed from the checkpoint of step" in output
+    assert after["finetune_student"][0] != before["finetune_student"][0]
