@@ -25,3 +25,54 @@ def test_a_broken_cluster_yaml_is_refused():
     config["available_node_types"]["gpu_8x"]["max_workers"] = "eight"
     with pytest.raises(jsonschema.ValidationError):
         validate_config(fillout_defaults(config))
+
+
+KUBERAY = Path(__file__).resolve().parents[1] / "kuberay"
+
+
+def test_kuberay_rayjob_runs_a_job_entry_point_that_parses():
+    import shlex
+
+    import ray
+
+    from atm_ray.cli import build_parser
+
+    job = yaml.safe_load((KUBERAY / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (gpu_group,) = cluster["workerGroupSpecs"]
+    limits = gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "8"
+    # the entry point is one of jobs/*.py and its arguments are what the CLI accepts
+    program, script, *arguments = shlex.split(job["spec"]["entrypoint"])
+    assert program == "python" and script.startswith("/home/ray/atm-ray/jobs/")
+    job_file = Path(__file__).resolve().parents[1] / script.removeprefix("/home/ray/atm-ray/")
+    assert job_file.is_file()
+    command = {"pipeline.py": "pipeline", "sweep.py": "sweep", "distill.py": "distill"}[job_file.name]
+    parsed = build_parser().parse_args([command, *arguments])
+    assert parsed.preset == "paper" and parsed.overrides == ["cluster.storage_path=s3://atm-ray-runs/paper"]
+
+
+def test_kuberay_rayservice_serve_config_passes_ray_validation(tmp_path):
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from atm_ray.serving import ServeSettings, build_app
+
+    service = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (application,) = schema.applications
+    module_name, _, attribute = application.import_path.partition(":")
+    assert getattr(importlib.import_module(module_name), attribute) is build_app
+    args = dict(application.args)
+    assert all(arm["model_dir"].startswith("/mnt/runs/") for arm in args["arms"])  # the run volume
+    for arm in args["arms"]:  # stand-ins for the exports on the volume (only their config.json is checked here)
+        arm["model_dir"] = str(tmp_path / arm["name"])
+        (tmp_path / arm["name"]).mkdir()
+        (tmp_path / arm["name"] / "config.json").write_text("{}")
+    settings = ServeSettings(**args)
+    assert [arm["name"] for arm in settings.arms] == ["A", "B"] and settings.quantize == "int8"
