@@ -61,7 +61,7 @@ def parameter_counts(export_dir: Path) -> dict | None:
 # ---------------------------------------------------------------------- plots
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,11 +70,12 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path) -> Path:
+    """Write a PNG atomically (a reader never sees half of it) and close the figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.partial.png")
     figure.savefig(partial, dpi=90)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     partial.replace(path)
     return path
 
@@ -85,7 +86,7 @@ def _switch_step(history: list[dict]) -> int | None:
 
 
 def plot_loss_and_perplexity(histories: dict[str, list[dict]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     stages = list(histories)
     figure, axes = plt.subplots(2, len(stages), figsize=(3.4 * len(stages), 5.6), squeeze=False)
     for column, stage in enumerate(stages):
@@ -109,11 +110,11 @@ def plot_loss_and_perplexity(histories: dict[str, list[dict]], path: Path) -> Pa
     axes[0][0].set_ylabel("training loss")
     axes[1][0].set_ylabel("held-out perplexity")
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_mask_filling(histories: dict[str, list[dict]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     stages = list(histories)
     figure, axes = plt.subplots(1, len(stages), figsize=(3.4 * len(stages), 3.2), squeeze=False, sharey=True)
     for axis, stage in zip(axes[0], stages):
@@ -133,11 +134,11 @@ def plot_mask_filling(histories: dict[str, list[dict]], path: Path) -> Path:
     axes[0][0].set_ylabel("top-1 mask-filling accuracy")
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_finetuning(histories: dict[str, list[dict]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(10, 3), squeeze=False)
     for axis, name in zip(axes[0], ("intent_accuracy", "slot_f1", "exact_match")):
         for stage, history in histories.items():
@@ -148,7 +149,7 @@ def plot_finetuning(histories: dict[str, list[dict]], path: Path) -> Path:
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------- the report

@@ -240,7 +240,7 @@ def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = No
                 "pass --name for a new sweep, or --fresh to replace it"
             )
         if state.get("finished"):
-            return _collect(config, sweep_dir, _load_results(sweep_dir), skipped=True)
+            return _collect(config, sweep_dir, read_json(sweep_dir / "trials.json"), skipped=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
         state_file,
@@ -355,10 +355,6 @@ def _reported(key: str) -> bool:
     return key in known_metrics() or key in DOWNSTREAM_METRICS
 
 
-def _load_results(sweep_dir: Path) -> list[dict]:
-    return read_json(sweep_dir / "trials.json")
-
-
 # ---------------------------------------------------------------------- outputs
 
 
@@ -445,11 +441,9 @@ def _write_tables(config: Config, sweep_dir: Path, rows: list[dict], best: dict 
 
 def plot_metric_vs_params(config: Config, path: Path, rows: list[dict], best: dict | None) -> Path:
     """One panel per swept value: the metric of every trial (filled: ran to the end; hollow: stopped early)."""
-    import matplotlib
+    from atm_ray.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sweep = config.sweep
     metric = sweep.select_by or sweep.metric
     keys = list(sweep.space)
@@ -470,12 +464,7 @@ def plot_metric_vs_params(config: Config, path: Path, rows: list[dict], best: di
         axis.grid(alpha=0.3)
     figure.suptitle(f"distill.{sweep.student}: {metric} per trial (hollow: stopped early by ASHA; star: best)", fontsize=9)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial.png")
-    figure.savefig(partial, dpi=100)
-    plt.close(figure)
-    partial.replace(path)
-    return path
+    return save_figure(figure, path)
 
 
 def write_best_overrides(config: Config, path: Path, best: dict, sweep_dir: Path) -> Path:
