@@ -4,7 +4,7 @@ A ``StagePlan`` says in plain values what a stage trains, on which data, from wh
 the engine loop of ``atm_ray.engine``:
 
 - ``run_stage``: Ray Train's ``TorchTrainer`` drives one engine per worker; data comes through Ray Data
-  (``read_parquet`` -> one split per worker -> masking collator in the worker); checkpoints hold every
+  (Parquet shards -> one split per worker -> masking collator in the worker); checkpoints hold every
   rank's ZeRO shards; failed workers restart from the last checkpoint.
 - ``run_stage_local``: the same loop in this process, no Ray (GPU checks, benchmarks, ``torchrun``).
 
@@ -326,6 +326,22 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
                  logging_level=logging.WARNING)
 
 
+# corpora up to this size are read by the driver and put in the object store whole: Ray Data's read
+# tasks cost 4-12 s of worker start-up per stage on a small machine, more than reading them takes
+DRIVER_READ_BYTES = 64 * 2**20
+
+
+def worker_splits(directory: str, workers: int) -> list:
+    """The Parquet shards in ``directory`` as ``workers`` equal Ray Dataset splits (rows in file order)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    size = sum(path.stat().st_size for path in Path(directory).rglob("*.parquet")) if os.path.isdir(directory) else None
+    if size is not None and size <= DRIVER_READ_BYTES:
+        return ray.data.from_arrow(pq.read_table(directory)).split(workers, equal=True)
+    return ray.data.read_parquet(directory).split(workers, equal=True)
+
+
 def run_stage(config: Config, plan: StagePlan, prepared: PreparedData, callbacks: list | None = None) -> StageResult:
     """Run (or resume, or skip when finished) one stage under Ray Train (``callbacks``: Ray Train
     callbacks, e.g. Tune's ``TuneReportCallback`` when a sweep trial runs the stage)."""
@@ -345,8 +361,8 @@ def run_stage(config: Config, plan: StagePlan, prepared: PreparedData, callbacks
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     workers = cluster.num_workers
-    train_shards = ray.data.read_parquet(plan.train_dir).split(workers, equal=True)
-    replay_shards = ray.data.read_parquet(plan.replay_dir).split(workers, equal=True) if plan.replay_dir else None
+    train_shards = worker_splits(plan.train_dir, workers)
+    replay_shards = worker_splits(plan.replay_dir, workers) if plan.replay_dir else None
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker or 1

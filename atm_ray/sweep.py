@@ -228,10 +228,12 @@ def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = No
     sweep_dir = (run_dir / (name or f"sweep_{sweep.student}")).resolve()
     if fresh:
         shutil.rmtree(sweep_dir, ignore_errors=True)
-    init_ray(config.cluster.address, dashboard=True)
+    state_file = sweep_dir / "sweep.json"
+    if not (state_file.is_file() and read_json(state_file).get("finished")):
+        # (a finished sweep needs no Ray: its outputs are rebuilt from its records)
+        init_ray(config.cluster.address, dashboard=True)
     upstream_hash = ensure_upstream(config, sweep.student, run_dir)
     settings_hash = sweep_hash(config, upstream_hash)
-    state_file = sweep_dir / "sweep.json"
     if state_file.is_file():
         state = read_json(state_file)
         if state["config_hash"] != settings_hash:

@@ -100,17 +100,6 @@ def _submit_and_wait(client, entrypoint: str, timeout: float = 600) -> str:
     return logs
 
 
-def test_pretrain_job_submitted_to_a_local_head(ray_head, tmp_path):
-    run_dir = tmp_path / "run"
-    logs = _submit_and_wait(
-        ray_head,
-        f"python jobs/pretrain_teacher.py --stage 1 --preset tiny --run-dir {run_dir} "
-        "pretrain.stage1.steps=6 pretrain.stage1.eval_every=3 pretrain.stage1.checkpoint_every=3",
-    )
-    assert "teacher_stage1 finished" in logs
-    assert (run_dir / "teacher_stage1" / "export" / "model.safetensors").is_file()
-
-
 # ---------------------------------------------------------------------- the whole pipeline
 
 # the tiny preset with every stage cut short: one worker, a slice of SNIPS, one or two epochs
@@ -129,6 +118,18 @@ def pipeline_run(ray_head, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pipeline") / "run"
     logs = _submit_and_wait(ray_head, f"python jobs/pipeline.py --preset tiny --run-dir {run_dir} {' '.join(shlex.quote(o) for o in PIPELINE)}", 1200)
     return run_dir, logs
+
+
+def test_stage_job_finds_the_pipelines_stage_up_to_date(ray_head, pipeline_run):
+    # a stage's own entry point with the pipeline's settings recognises the stage the pipeline trained
+    run_dir = pipeline_run[0]
+    manifest = run_dir / "teacher_stage1" / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    logs = _submit_and_wait(
+        ray_head, f"python jobs/pretrain_teacher.py --stage 1 --preset tiny --run-dir {run_dir} {' '.join(shlex.quote(o) for o in PIPELINE)}"
+    )
+    assert "teacher_stage1 up to date" in logs, logs[-3000:]
+    assert manifest.stat().st_mtime_ns == written
 
 
 def _manifests(run_dir: Path) -> dict[str, tuple[str, float]]:
@@ -162,28 +163,14 @@ def test_pipeline_job_runs_every_stage_and_writes_the_report(pipeline_run):
     assert rebuilt.returncode == 0 and (run_dir / "report.md").read_text().count("## ") == report.count("## ")
 
 
-def test_changed_stage_reruns_with_the_later_ones(pipeline_run, tmp_path):
+def test_changed_stage_reruns_and_resumes_after_a_kill(pipeline_run, tmp_path):
+    """Change final_distill's config: only it and the stages after it rerun; kill the pipeline during that
+    stage (after a checkpoint), rerun: the earlier stages are skipped and the stage resumes."""
     run_dir = tmp_path / "run"
     shutil.copytree(pipeline_run[0], run_dir, symlinks=True)
     before = _manifests(run_dir)
-    process = _pipeline(run_dir, "distill.final.temperature=2.0")
-    output, _ = process.communicate(timeout=900)
-    assert process.returncode == 0, output[-4000:]
-    after = _manifests(run_dir)
-    # the scratch baseline takes only the final student's architecture: it does not rerun either
-    for stage in ("prepare", "teacher_stage1", "teacher_stage2", "intermediate_distill", "intermediate_continue", "finetune_scratch"):
-        assert after[stage] == before[stage], f"{stage} reran"
-    for stage in ("final_distill", "finetune_student"):
-        assert after[stage][0] != before[stage][0], f"{stage} did not rerun"
-    assert "intermediate_continue up to date" in output and "final_distill finished" in output
-    assert json.loads((run_dir / "final_distill" / "manifest.json").read_text())["metrics"]["resumed_from_step"] == 0
-
-
-def test_pipeline_killed_during_distillation_resumes_that_stage(pipeline_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(pipeline_run[0], run_dir, symlinks=True)
-    before = _manifests(run_dir)
-    longer = ["distill.final.steps=30", "distill.final.eval_every=5", "distill.final.checkpoint_every=5"]
+    longer = ["distill.final.steps=30", "distill.final.eval_every=5", "distill.final.checkpoint_every=5",
+              "distill.final.temperature=2.0"]
     started = time.time()
     process = _pipeline(run_dir, *longer)
     deadline = started + 600
@@ -202,10 +189,13 @@ def test_pipeline_killed_during_distillation_resumes_that_stage(pipeline_run, tm
     output, _ = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, output[-4000:]
     after = _manifests(run_dir)
+    # the scratch baseline takes only the final student's architecture: it does not rerun either
     for stage in ("prepare", "teacher_stage1", "teacher_stage2", "intermediate_distill", "intermediate_continue", "finetune_scratch"):
         assert after[stage] == before[stage], f"{stage} reran"
+    assert "intermediate_continue up to date" in output and "final_distill finished" in output
     history = json.loads((run_dir / "final_distill" / "metrics.json").read_text())
     assert [entry["step"] for entry in history] == [5, 10, 15, 20, 25, 30]
     assert history[0]["resumed_from_step"] == 0 and history[-1]["resumed_from_step"] >= 5, history
     assert "[final_distill] resumed from the checkpoint of step" in output
-    assert after["finetune_student"][0] != before["finetune_student"][0]
+    for stage in ("final_distill", "finetune_student"):
+        assert after[stage][0] != before[stage][0], f"{stage} did not rerun"
