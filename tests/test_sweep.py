@@ -102,7 +102,7 @@ def test_four_trial_sweep_with_asha_writes_results_and_best_overrides(upstream):
 
 
 def test_interrupted_sweep_resumes_only_the_unfinished_trials(upstream):
-    overrides = ["sweep.num_samples=3", "sweep.max_concurrent_trials=1", "sweep.scheduler=fifo",
+    overrides = ["sweep.num_samples=2", "sweep.max_concurrent_trials=1", "sweep.scheduler=fifo",
                  "sweep.steps=6", "sweep.eval_every=3"]
     command = _sweep_command(upstream, "sweep_interrupted", *overrides)
     sweep_dir = upstream / "sweep_interrupted"
@@ -126,7 +126,7 @@ def test_interrupted_sweep_resumes_only_the_unfinished_trials(upstream):
 
     ended_before = {trial.trial_id for trial in tune.ExperimentAnalysis(str(sweep_dir / EXPERIMENT)).trials
                     if trial.status == "TERMINATED"}
-    assert 0 < len(ended_before) < 3, ended_before
+    assert len(ended_before) == 1, ended_before
     exports_before = {path.parent.name: path.stat().st_mtime_ns for path in (sweep_dir / "trials").glob("*/manifest.json")}
     assert ended_before <= set(exports_before)
 
@@ -138,9 +138,9 @@ def test_interrupted_sweep_resumes_only_the_unfinished_trials(upstream):
     assert restarted and not restarted & ended_before, (restarted, ended_before)
     for trial_id, mtime in exports_before.items():
         assert (sweep_dir / "trials" / trial_id / "manifest.json").stat().st_mtime_ns == mtime, f"{trial_id} trained again"
-    assert len({start["trial_id"] for start in starts}) == 3
+    assert len({start["trial_id"] for start in starts}) == 2
     rows = _results(sweep_dir)
-    assert len(rows) == 3 and all(row["status"] == "finished" for row in rows), rows
+    assert len(rows) == 2 and all(row["status"] == "finished" for row in rows), rows
 
 
 def test_best_trial_prefers_trials_that_ran_to_the_end():
