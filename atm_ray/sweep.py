@@ -229,13 +229,13 @@ def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = No
     if fresh:
         shutil.rmtree(sweep_dir, ignore_errors=True)
     state_file = sweep_dir / "sweep.json"
-    if not (state_file.is_file() and read_json(state_file).get("finished")):
+    state = read_json(state_file) if state_file.is_file() else None
+    if not (state and state.get("finished")):
         # (a finished sweep needs no Ray: its outputs are rebuilt from its records)
         init_ray(config.cluster.address, dashboard=True)
     upstream_hash = ensure_upstream(config, sweep.student, run_dir)
     settings_hash = sweep_hash(config, upstream_hash)
-    if state_file.is_file():
-        state = read_json(state_file)
+    if state is not None:
         if state["config_hash"] != settings_hash:
             raise ConfigError(
                 f"{sweep_dir} holds a sweep with other settings (hash {state['config_hash']}, now {settings_hash}); "

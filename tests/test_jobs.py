@@ -108,6 +108,7 @@ PIPELINE = [
     "finetune.train.0.max_records=400", "finetune.dev.0.max_records=100", "finetune.test.0.max_records=100",
     "finetune.max_epochs=2",
 ]
+PIPELINE_ARGS = " ".join(shlex.quote(override) for override in PIPELINE)
 STAGES = ["prepare", "teacher_stage1", "teacher_stage2", "intermediate_distill", "intermediate_continue",
           "final_distill", "finetune_scratch", "finetune_student"]
 
@@ -116,7 +117,7 @@ STAGES = ["prepare", "teacher_stage1", "teacher_stage2", "intermediate_distill",
 def pipeline_run(ray_head, tmp_path_factory):
     """The tiny pipeline submitted to the local head with `ray job submit`'s client; its run folder."""
     run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    logs = _submit_and_wait(ray_head, f"python jobs/pipeline.py --preset tiny --run-dir {run_dir} {' '.join(shlex.quote(o) for o in PIPELINE)}", 1200)
+    logs = _submit_and_wait(ray_head, f"python jobs/pipeline.py --preset tiny --run-dir {run_dir} {PIPELINE_ARGS}", 1200)
     return run_dir, logs
 
 
@@ -126,7 +127,7 @@ def test_stage_job_finds_the_pipelines_stage_up_to_date(ray_head, pipeline_run):
     manifest = run_dir / "teacher_stage1" / "manifest.json"
     written = manifest.stat().st_mtime_ns
     logs = _submit_and_wait(
-        ray_head, f"python jobs/pretrain_teacher.py --stage 1 --preset tiny --run-dir {run_dir} {' '.join(shlex.quote(o) for o in PIPELINE)}"
+        ray_head, f"python jobs/pretrain_teacher.py --stage 1 --preset tiny --run-dir {run_dir} {PIPELINE_ARGS}"
     )
     assert "teacher_stage1 up to date" in logs, logs[-3000:]
     assert manifest.stat().st_mtime_ns == written
