@@ -13,6 +13,8 @@ import random
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
+from atm_ray.config import AtmRayError
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -26,11 +28,11 @@ class ArmRouter:
 
     def __init__(self, arms: list[Arm], salt: str, seed: int | None = None):
         if not arms:
-            raise ValueError("at least one arm is needed")
+            raise AtmRayError("at least one arm is needed")
         if any(arm.weight < 0 for arm in arms) or sum(arm.weight for arm in arms) <= 0:
-            raise ValueError("arm weights must be non-negative and not all zero")
+            raise AtmRayError("arm weights must be non-negative and not all zero")
         if len({arm.name for arm in arms}) != len(arms):
-            raise ValueError("arm names must be unique")
+            raise AtmRayError("arm names must be unique")
         total = sum(arm.weight for arm in arms)
         self.names = [arm.name for arm in arms]
         self.bounds = []
@@ -108,7 +110,8 @@ class Ledger:
         self.shadow = {"compared": 0, "intent_agreement": 0, "frame_agreement": 0}
         self.request_arms: OrderedDict[str, str] = OrderedDict()
         self.feedback: dict[str, dict[str, int]] = defaultdict(lambda: {"satisfied": 0, "dissatisfied": 0})
-        self.feedback_given: set[str] = set()
+        # ids that got feedback, bounded like request_arms: an id forgotten there is unknown anyway
+        self.feedback_given: OrderedDict[str, None] = OrderedDict()
 
     def record(self, entries: list[dict]) -> None:
         """Entries of kind ``request`` (arm, request_id, latency_ms, intent), ``error`` (arm), ``batch``
@@ -145,7 +148,9 @@ class Ledger:
             return "unknown"
         if request_id in self.feedback_given:
             return "duplicate"
-        self.feedback_given.add(request_id)
+        self.feedback_given[request_id] = None
+        while len(self.feedback_given) > self.memory:
+            self.feedback_given.popitem(last=False)
         self.feedback[arm]["satisfied" if satisfied else "dissatisfied"] += 1
         return "ok"
 

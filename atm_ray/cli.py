@@ -19,8 +19,11 @@ import logging
 import sys
 from pathlib import Path
 
-from atm_ray.config import ConfigError, load_config
-from atm_ray.data.readers import DataFormatError
+from atm_ray.config import AtmRayError, load_config
+from atm_ray.utils import RunFolderBusy, run_folder_lock
+
+# commands that write into a run folder: one at a time per folder
+WRITES_RUN_FOLDER = ("prepare", "pretrain", "distill", "finetune", "pipeline", "sweep")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +142,7 @@ def command_serve(args) -> None:
         "quantize": args.quantize,
     }
     application = build_app(settings)
-    init_ray(args.address)
+    init_ray(args.address, dashboard=False)  # Serve needs no state API; the dashboard's processes cost a 2-core machine
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="atm-ray-nlu", route_prefix="/")
     print(f"serving on http://{args.host}:{args.port}/v1/parse (arms: {', '.join(arm['name'] for arm in settings['arms'])}); Ctrl-C stops", flush=True)
@@ -276,8 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        code = args.handler(args)
-    except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as error:
+        if args.command in WRITES_RUN_FOLDER:
+            with run_folder_lock(_config(args).resolved_run_dir(), " ".join(["atm-ray", *(argv or sys.argv[1:])])):
+                code = args.handler(args)
+        else:
+            code = args.handler(args)
+    except (AtmRayError, FileNotFoundError, RunFolderBusy) as error:
         if args.verbose:
             raise
         print(f"atm-ray: error: {error}", file=sys.stderr)

@@ -14,7 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 PRESETS = ("tiny", "cpu", "paper")
 
 
-class ConfigError(ValueError):
+class AtmRayError(ValueError):
+    """A mistake a user can fix (settings, data, arguments): the CLI prints its message, not a traceback.
+    Anything else that goes wrong is a bug and keeps its traceback."""
+
+
+class ConfigError(AtmRayError):
     """A configuration a user wrote is wrong; the message names the key and the reason."""
 
 
@@ -84,6 +89,9 @@ class DataConfig(Strict):
 
 class TokenizerConfig(Strict):
     vocab_size: int = Field(gt=16)
+    # lower-case everything (an uncased model): written text then shares its pieces with spoken-form
+    # text, which is lower case, as speech recognition writes it
+    lowercase: bool = False
     max_sentence_length: int = Field(default=4096, gt=0)
 
 
@@ -119,15 +127,47 @@ class LossWeights(Strict):
     attention: float = Field(default=0.0, ge=0)
 
 
+# Which way is better for every metric a switch or a sweep may compare: a table, not a guess from names.
+HELDOUT_DIRECTIONS = {
+    "mlm_loss": "min", "perplexity": "min", "mask_fill_accuracy": "max", "noun_mask_fill_accuracy": "max",
+    "teacher_perplexity": "min", "teacher_mask_fill_accuracy": "max", "teacher_noun_mask_fill_accuracy": "max",
+    "perplexity_gap": "min", "mask_fill_accuracy_gap": "min",
+}
+LOSS_TERMS = ("train_loss", "mlm_loss", "soft_ce_loss", "hidden_loss", "attention_loss")
+DOWNSTREAM_METRICS = tuple(f"downstream/{name}" for name in ("intent_accuracy", "slot_f1", "exact_match"))
+METRIC_DIRECTIONS: dict[str, str] = {
+    **{f"{kind}/{name}": mode for kind in ("written", "spoken") for name, mode in HELDOUT_DIRECTIONS.items()},
+    **{term: "min" for term in LOSS_TERMS},
+    **{metric: "max" for metric in DOWNSTREAM_METRICS},
+}
+
+
+def metric_direction(metric: str, field: str) -> Literal["min", "max"]:
+    """``min`` or ``max`` for a known metric; a ``ValueError`` naming ``field`` for any other."""
+    if metric not in METRIC_DIRECTIONS:
+        raise ValueError(f"{field}: {metric!r} is not a reported metric; one of {sorted(METRIC_DIRECTIONS)}")
+    return METRIC_DIRECTIONS[metric]  # type: ignore[return-value]
+
+
 class TeacherSwitch(Strict):
-    """When to move from the Stage-1 to the Stage-2 teacher: a plateau of ``metric`` on held-out data
-    (no gain of ``min_delta`` for ``patience`` evaluations; losses must fall, accuracies rise), or
-    ``max_steps`` at the latest."""
+    """When to move from the Stage-1 to the Stage-2 teacher: a plateau of the held-out ``metric`` (no gain
+    of ``min_delta`` for ``patience`` evaluations; ``mode`` says whether lower or higher is a gain, by
+    default the metric's own direction), or ``max_steps`` at the latest."""
 
     metric: str = "written/mlm_loss"
+    mode: Literal["min", "max"] | None = None
     patience: int = Field(default=2, gt=0)
     min_delta: float = Field(default=0.01, ge=0)
     max_steps: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _held_out_metric(self) -> "TeacherSwitch":
+        if self.metric.partition("/")[0] not in ("written", "spoken"):
+            raise ValueError(f"metric: {self.metric!r} is not a held-out metric (written/... or spoken/...)")
+        direction = metric_direction(self.metric, "metric")
+        if self.mode is None:
+            self.mode = direction
+        return self
 
 
 class DistillStageConfig(StageConfig):
@@ -232,7 +272,7 @@ class SweepConfig(Strict):
     steps: int | None = Field(default=None, gt=0)  # each trial's length (default: the stage's steps)
     eval_every: int | None = Field(default=None, gt=0)  # also each trial's checkpoint interval
     metric: str = "spoken/mask_fill_accuracy"  # what ASHA compares, reported at every evaluation
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] | None = None  # default: the metric's own direction
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: int | None = Field(default=None, gt=0)  # steps before ASHA may stop a trial (default: 2 evaluations)
     reduction_factor: float = Field(default=2.0, gt=1.0)
@@ -256,6 +296,12 @@ class SweepConfig(Strict):
                     raise ValueError(f"space.{key}: grid search needs a list of values")
         if (self.select_by or "").startswith("downstream/") and self.downstream is None:
             raise ValueError(f"select_by {self.select_by} needs sweep.downstream")
+        if self.metric in DOWNSTREAM_METRICS:
+            raise ValueError(f"metric: {self.metric} is measured once per trial, not at every evaluation; use select_by")
+        if self.mode is None:
+            self.mode = metric_direction(self.metric, "metric")
+        if self.select_mode is None:
+            self.select_mode = self.mode if not self.select_by else metric_direction(self.select_by, "select_by")
         return self
 
 

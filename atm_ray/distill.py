@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForMaskedLM
 
-from atm_ray.config import Config, DistillStageConfig
+from atm_ray.config import AtmRayError, Config, DistillStageConfig
 from atm_ray.engine import MlmTrainer, masked_lm_metrics
 from atm_ray.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
 from atm_ray.modeling import PAD_ID
@@ -46,7 +46,7 @@ class StudentWithProjection(torch.nn.Module):
 def init_from_teacher_layers(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     """DistilBERT-style: copy the embeddings, the LM head and every k-th teacher layer (same width only)."""
     if student.config.hidden_size != teacher.config.hidden_size:
-        raise ValueError(
+        raise AtmRayError(
             f"init: teacher_layers needs equal widths; the student has {student.config.hidden_size}, "
             f"the teacher {teacher.config.hidden_size}"
         )
@@ -72,10 +72,14 @@ class DistillTrainer(MlmTrainer):
         seed: int = 0,
     ):
         if not teachers:
-            raise ValueError("a distillation stage needs at least one teacher")
+            raise AtmRayError("a distillation stage needs at least one teacher")
         self.settings = settings
         self.teacher_paths = teachers
         self.teacher_index = 0
+        # SDPA and flash attention return no attention maps: attention matching needs the eager kernels
+        self.attention_implementation = "eager" if settings.weights.attention > 0 else None
+        if self.attention_implementation:
+            student.set_attn_implementation(self.attention_implementation)
         self.switch_step: int | None = None
         self.best_metric: float | None = None
         self.evaluations_without_gain = 0
@@ -83,7 +87,9 @@ class DistillTrainer(MlmTrainer):
         weights = settings.weights
         needs_hidden = weights.hidden > 0
         if settings.init == "teacher_layers":
-            init_from_teacher_layers(student, first_teacher)
+            # the last teacher of a switch sequence is the most trained one (Stage 2 = Stage 1 + in-domain text)
+            last = first_teacher if len(teachers) == 1 else self._load_teacher(teachers[-1], vocab_size)
+            init_from_teacher_layers(student, last)
         self.layer_map = None
         if needs_hidden or weights.attention > 0:
             student_layers, teacher_layers = student.config.num_hidden_layers, first_teacher.config.num_hidden_layers
@@ -99,9 +105,10 @@ class DistillTrainer(MlmTrainer):
     def _load_teacher(self, path: str, vocab_size: int) -> torch.nn.Module:
         # an export may be stored in half precision: fp32 on the CPU, bf16 on the GPU (where it runs in bf16)
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        teacher = AutoModelForMaskedLM.from_pretrained(path, dtype=dtype)
+        extra = {"attn_implementation": self.attention_implementation} if self.attention_implementation else {}
+        teacher = AutoModelForMaskedLM.from_pretrained(path, dtype=dtype, **extra)
         if teacher.config.vocab_size != vocab_size:
-            raise ValueError(
+            raise AtmRayError(
                 f"teacher {path} has a vocabulary of {teacher.config.vocab_size}, the student {vocab_size}: "
                 "teacher and student must share the tokenizer"
             )
@@ -166,8 +173,8 @@ class DistillTrainer(MlmTrainer):
 
     # ------------------------------------------------------------------ evaluation and the teacher switch
 
-    def evaluate(self, heldout, batches: int, batch_size: int) -> dict[str, float]:
-        metrics = super().evaluate(heldout, batches, batch_size)
+    def evaluate(self, heldout, batches: int, batch_size: int, unigram_token: int | None = None) -> dict[str, float]:
+        metrics = super().evaluate(heldout, batches, batch_size, unigram_token)
         kind = id(heldout)
         if kind not in self.teacher_metrics:
             self.teacher_metrics[kind] = masked_lm_metrics(
@@ -188,12 +195,9 @@ class DistillTrainer(MlmTrainer):
             if self.switch_step is not None:
                 metrics["teacher_switch_step"] = self.switch_step
             return
-        if switch.metric not in metrics:
-            raise ValueError(f"distill switch metric {switch.metric!r} is not one of {sorted(metrics)}")
-        value = metrics[switch.metric]
-        lower_is_better = "loss" in switch.metric or "perplexity" in switch.metric  # accuracies rise
+        value = metrics[switch.metric]  # a held-out metric, checked with the config
         improved = self.best_metric is None or (
-            (self.best_metric - value if lower_is_better else value - self.best_metric) >= switch.min_delta
+            (self.best_metric - value if switch.mode == "min" else value - self.best_metric) >= switch.min_delta
         )
         if improved:
             self.best_metric, self.evaluations_without_gain = value, 0
@@ -269,7 +273,7 @@ def run_distill(config: Config, student: str, run_dir: Path | None = None, use_r
     from atm_ray.stages import run_stage, run_stage_local
 
     if student not in ("intermediate", "final"):
-        raise ValueError(f"--student must be 'intermediate' or 'final', not {student!r}")
+        raise AtmRayError(f"--student must be 'intermediate' or 'final', not {student!r}")
     run_dir = Path(run_dir or config.resolved_run_dir())
     prepared = prepare(config, run_dir)
     runner = run_stage if use_ray else run_stage_local

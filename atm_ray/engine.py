@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from atm_ray.config import EngineConfig
+from atm_ray.config import AtmRayError, EngineConfig
 from atm_ray.mlm import IGNORE_INDEX, MaskingCollator
 
 logger = logging.getLogger(__name__)
@@ -213,11 +213,12 @@ class MlmTrainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, heldout: dict[str, np.ndarray], batches: int, batch_size: int) -> dict[str, float]:
+    def evaluate(self, heldout: dict[str, np.ndarray], batches: int, batch_size: int, unigram_token: int | None = None) -> dict[str, float]:
         """Held-out metrics of the model in the engine (every rank runs the same batches: ZeRO-3 needs
         every rank in each forward)."""
         self.engine.eval()
-        return masked_lm_metrics(self.engine, heldout, batches, batch_size, self.vocab_size, self.mask_probability, self.seed, self.device)
+        return masked_lm_metrics(self.engine, heldout, batches, batch_size, self.vocab_size, self.mask_probability, self.seed,
+                                 self.device, unigram_token)
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -299,15 +300,18 @@ def masked_lm_metrics(
     mask_probability: float,
     seed: int,
     device: torch.device,
+    unigram_token: int | None = None,
 ) -> dict[str, float]:
     """Masked-token loss, perplexity and top-1 mask filling on fixed masks, plus noun mask filling.
 
     The masks depend only on ``seed``, so a student and its teacher are scored on the same positions.
+    With ``unigram_token`` (the most frequent training token), ``unigram_mask_fill_accuracy`` is what
+    always guessing it scores on the same masks: the plateau a model must leave.
     """
     metrics: dict[str, float] = {}
     for mode in ("eval", "noun"):
         collator = MaskingCollator(vocab_size, mask_probability, mode, seed=seed + 12345)
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum, correct, unigram_correct, count = 0.0, 0, 0, 0
         rows = heldout["input_ids"]
         for start in range(0, min(len(rows), batches * batch_size), batch_size):
             batch = collator({name: column[start : start + batch_size] for name, column in heldout.items()})
@@ -318,12 +322,15 @@ def masked_lm_metrics(
             targets = batch["labels"][chosen]
             loss_sum += torch.nn.functional.cross_entropy(chosen_logits, targets, reduction="sum").item()
             correct += int((chosen_logits.argmax(-1) == targets).sum())
+            unigram_correct += int((targets == unigram_token).sum()) if unigram_token is not None else 0
             count += int(chosen.sum())
         if mode == "eval":
             loss = loss_sum / max(count, 1)
             metrics["mlm_loss"] = loss
             metrics["perplexity"] = math.exp(min(loss, 50.0))
             metrics["mask_fill_accuracy"] = correct / max(count, 1)
+            if unigram_token is not None:
+                metrics["unigram_mask_fill_accuracy"] = unigram_correct / max(count, 1)
         else:
             metrics["noun_mask_fill_accuracy"] = correct / count if count else float("nan")
             metrics["noun_masked_tokens"] = count
@@ -341,7 +348,7 @@ class RowSource:
         self.columns, self.batch_size = columns, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         if len(columns["input_ids"]) // world_size < batch_size:
-            raise ValueError(
+            raise AtmRayError(
                 f"{len(columns['input_ids'])} rows cannot give each of {world_size} ranks a batch of {batch_size}"
             )
 
@@ -369,7 +376,7 @@ def endless(source, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
                 yield batch
             position += 1
         if not produced:
-            raise ValueError("the training data gives no full batch")
+            raise AtmRayError("the training data gives no full batch")
         epoch += 1
 
 
@@ -388,7 +395,7 @@ def split_batch_size(micro_batch_size: int, replay_fraction: float) -> tuple[int
     if replay_fraction > 0 and replay == 0:
         replay = 1
     if replay >= micro_batch_size:
-        raise ValueError(f"replay_fraction {replay_fraction} leaves no room in a batch of {micro_batch_size}")
+        raise AtmRayError(f"replay_fraction {replay_fraction} leaves no room in a batch of {micro_batch_size}")
     return micro_batch_size - replay, replay
 
 
@@ -407,6 +414,7 @@ class LoopSettings:
     fail_rank: int = 0
     fail_marker: str | None = None
     extra_metrics: dict = field(default_factory=dict)
+    unigram_tokens: dict[str, int] = field(default_factory=dict)  # per held-out kind, see masked_lm_metrics
 
 
 def run_training(
@@ -455,7 +463,8 @@ def run_training(
         if at_eval:
             metrics["replica_divergence"] = trainer.replica_divergence()
             for kind, rows in heldout.items():
-                for name, value in trainer.evaluate(rows, settings.eval_batches, settings.eval_batch_size).items():
+                scores = trainer.evaluate(rows, settings.eval_batches, settings.eval_batch_size, settings.unigram_tokens.get(kind))
+                for name, value in scores.items():
                     metrics[f"{kind}/{name}"] = value
             trainer.after_evaluation(metrics)
             trainer.history.append(metrics)

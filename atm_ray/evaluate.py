@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from atm_ray.config import AtmRayError
 from atm_ray.nlu import Parser
 from atm_ray.nlu_metrics import comparison, comparison_markdown, nlu_scores
 from atm_ray.utils import atomic_write_json, atomic_write_text
@@ -19,9 +20,9 @@ def compare_models(models: dict[str, str | Path], records: list[dict], baseline:
     """Scores of every named model on ``records`` and the comparison against ``baseline`` (default: the
     first model), overall and for each language."""
     if not models:
-        raise ValueError("no models to evaluate")
+        raise AtmRayError("no models to evaluate")
     if not records:
-        raise ValueError("no labelled records to evaluate on")
+        raise AtmRayError("no labelled records to evaluate on")
     baseline = baseline or next(iter(models))
     scores = {name: score_model(directory, records) for name, directory in models.items()}
     languages = sorted(next(iter(scores.values()))["by_lang"])

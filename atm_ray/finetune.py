@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atm_ray.config import Config, FinetuneConfig, NluSource
+from atm_ray.config import AtmRayError, Config, FinetuneConfig, NluSource
 from atm_ray.data import files
 from atm_ray.data.readers import NLU_READERS, read_nlu
 from atm_ray.engine import EXPORT_DIR, parameter_groups, warmup_linear_decay
@@ -54,9 +54,9 @@ def parse_data_argument(text: str) -> NluSource:
     inside stands for its training split (see ``split_sources``)."""
     source_format, colon, path = text.partition(":")
     if not colon or not path:
-        raise ValueError(f"--data {text!r} is not FORMAT:PATH (e.g. jointbert:data/snips/train)")
+        raise AtmRayError(f"--data {text!r} is not FORMAT:PATH (e.g. jointbert:data/snips/train)")
     if source_format not in NLU_READERS:
-        raise ValueError(f"--data {text!r}: unknown format {source_format!r}; one of {sorted(NLU_READERS)}")
+        raise AtmRayError(f"--data {text!r}: unknown format {source_format!r}; one of {sorted(NLU_READERS)}")
     if not path.startswith(files.BUNDLED_PREFIX) and "://" not in path:
         path = str(Path(path).resolve())  # relative to where the command runs, not to data.root
     return NluSource(format=source_format, path=path)
@@ -111,7 +111,7 @@ def load_nlu_data(settings: FinetuneConfig, root: str, strict: bool, seed: int) 
     """Train, dev and test records; a missing dev or test split is cut from the shuffled training records."""
     train, reports = read_sources(settings.train, root, strict)
     if not train:
-        raise ValueError("finetune.train: no labelled records read")
+        raise AtmRayError("finetune.train: no labelled records read")
     random.Random(seed).shuffle(train)
     held_out = {}
     for split, fraction in (("test", settings.test_fraction), ("dev", settings.dev_fraction)):
@@ -404,6 +404,7 @@ def run_finetune_stage(config: Config, plan: FinetunePlan, data: NluData, use_ra
 
 
 def _fit_with_ray(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[str, np.ndarray]):
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -444,7 +445,8 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
     settings = config.finetune
     tokenizer = AutoTokenizer.from_pretrained(plan.encoder_dir)
     trainer = build_nlu_trainer(config, plan, _steps_per_epoch(len(data.train), settings))
-    latest = Path(plan.stage_dir) / "checkpoints" / "latest"
+    # keyed by the config hash: a changed configuration never resumes (or publishes) another one's state
+    latest = Path(plan.stage_dir) / "checkpoints" / plan.config_hash / "latest"
     if (latest / STATE_FILE).is_file():
         trainer.load_state(torch.load(latest / STATE_FILE, weights_only=True))
     rows = len(encoded["intent_labels"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from atm_ray.config import AtmRayError
 from atm_ray.mlm import IGNORE_INDEX
 
 
@@ -31,7 +32,7 @@ def soft_cross_entropy(
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
     """TinyBERT's g(m) = k·m, k = N / M: student layer m (0 = embeddings) learns from teacher layer g(m)."""
     if teacher_layers % student_layers:
-        raise ValueError(
+        raise AtmRayError(
             f"a uniform layer map needs the teacher's {teacher_layers} layers to be a multiple of the student's "
             f"{student_layers}; give distill.<student>.layer_map explicitly"
         )
@@ -41,9 +42,9 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
 
 def check_layer_map(layer_map: list[int], student_layers: int, teacher_layers: int) -> None:
     if len(layer_map) != student_layers + 1:
-        raise ValueError(f"layer_map has {len(layer_map)} entries; the student needs {student_layers + 1} (embeddings + layers)")
+        raise AtmRayError(f"layer_map has {len(layer_map)} entries; the student needs {student_layers + 1} (embeddings + layers)")
     if any(not 0 <= layer <= teacher_layers for layer in layer_map):
-        raise ValueError(f"layer_map {layer_map} names a teacher layer outside 0..{teacher_layers}")
+        raise AtmRayError(f"layer_map {layer_map} names a teacher layer outside 0..{teacher_layers}")
 
 
 def hidden_state_mse(
@@ -70,7 +71,8 @@ def attention_mse(
     attention_mask: torch.Tensor,
 ) -> torch.Tensor:
     """MSE between head-averaged attention maps of student layer m and teacher layer g(m), m >= 1
-    (averaging over heads lets students with fewer heads learn from the teacher)."""
+    (averaging over heads lets students with fewer heads learn from the teacher). Zero when no student
+    layer maps to a teacher layer (a map of embeddings only)."""
     keep = attention_mask.bool()
     pairs = keep[:, :, None] & keep[:, None, :]
     losses = []
@@ -80,4 +82,6 @@ def attention_mse(
         student = student_attentions[student_layer - 1].float().mean(1)
         teacher = teacher_attentions[teacher_layer - 1].float().mean(1)
         losses.append(F.mse_loss(student[pairs], teacher[pairs]))
+    if not losses:
+        return attention_mask.new_zeros((), dtype=torch.float32)
     return torch.stack(losses).mean()

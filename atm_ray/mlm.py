@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from atm_ray.config import AtmRayError
 from atm_ray.modeling import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS
 
 IGNORE_INDEX = -100
@@ -74,6 +75,14 @@ def pack_batch(batch: dict[str, list], seq_len: int) -> dict[str, list]:
     return {"input_ids": rows_ids, "noun_mask": rows_nouns}
 
 
+def most_frequent_token(input_ids: np.ndarray) -> int:
+    """The most frequent ordinary token of packed rows: always guessing it is the unigram plateau's
+    mask-filling accuracy, the reference a model must beat to have learned anything from context."""
+    counts = np.bincount(np.asarray(input_ids).ravel(), minlength=len(SPECIAL_TOKENS) + 1)
+    counts[list(NEVER_MASKED)] = 0
+    return int(counts.argmax())
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     vocab_size: int,
@@ -117,7 +126,7 @@ class MaskingCollator:
 
     def __init__(self, vocab_size: int, probability: float = 0.15, mode: str = "random", seed: int = 0):
         if mode not in ("random", "noun", "eval"):
-            raise ValueError(f"mode must be 'random', 'eval' or 'noun', not {mode!r}")
+            raise AtmRayError(f"mode must be 'random', 'eval' or 'noun', not {mode!r}")
         self.vocab_size, self.probability, self.mode = vocab_size, probability, mode
         self.generator = torch.Generator().manual_seed(seed)
 

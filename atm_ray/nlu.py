@@ -22,9 +22,11 @@ from transformers import (
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging as hf_logging
 
+from atm_ray.config import AtmRayError
 from atm_ray.mlm import IGNORE_INDEX
 from atm_ray.modeling import PAD_ID
 from atm_ray.nlu_metrics import slot_spans
+from atm_ray.utils import is_encodable
 
 UNKNOWN_LABEL = "<unknown>"  # index 0 of both label maps: dev/test labels never seen in training
 WORD = re.compile(r"\S+")
@@ -230,7 +232,7 @@ class Parser:
         if quantize == "int8":
             self.model = quantize_int8(self.model)
         elif quantize is not None:
-            raise ValueError(f"quantize must be 'int8' or None, not {quantize!r}")
+            raise AtmRayError(f"quantize must be 'int8' or None, not {quantize!r}")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model_dir = model_dir
         self.batch_size = batch_size
@@ -245,9 +247,11 @@ class Parser:
     def parse(self, texts: list[str]) -> list[dict]:
         spans = [[match.span() for match in WORD.finditer(text)] for text in texts]
         words = [[text[start:end] for start, end in text_spans] for text, text_spans in zip(texts, spans)]
-        for index, word_list in enumerate(words):
+        for index, (text, word_list) in enumerate(zip(texts, words)):
             if not word_list:
-                raise ValueError(f"utterance {index} is empty")
+                raise AtmRayError(f"utterance {index} is empty")
+            if not is_encodable(text):
+                raise AtmRayError(f"utterance {index} is not valid Unicode text (a lone surrogate?): {text!r}")
         return [
             {
                 "intent": {"name": prediction["intent"], "confidence": prediction["confidence"]},

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from atm_ray.config import AtmRayError
+
 
 def slot_spans(tags: list[str]) -> set[tuple[str, int, int]]:
     """``(slot, first word, last word)`` chunks of a BIO sequence, as conlleval and seqeval read them:
@@ -41,11 +43,11 @@ def nlu_scores(gold: list[dict], predicted: list[dict]) -> dict:
     """Scores of ``predicted`` against ``gold``; both are lists of ``{"intent", "slot_tags", "lang"}``
     (gold's ``lang`` is used). Returns overall scores and the same per language under ``by_lang``."""
     if len(gold) != len(predicted):
-        raise ValueError(f"{len(gold)} gold records but {len(predicted)} predictions")
+        raise AtmRayError(f"{len(gold)} gold records but {len(predicted)} predictions")
     groups: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
     for gold_record, predicted_record in zip(gold, predicted):
         if len(gold_record["slot_tags"]) != len(predicted_record["slot_tags"]):
-            raise ValueError(
+            raise AtmRayError(
                 f"a prediction has {len(predicted_record['slot_tags'])} slot tags for "
                 f"{len(gold_record['slot_tags'])} words"
             )
@@ -91,7 +93,7 @@ HEADLINE_METRICS = ("intent_accuracy", "slot_f1", "exact_match")
 def comparison(scores: dict[str, dict], baseline: str) -> dict:
     """Every model's headline metrics and, against ``baseline``, the relative error change of each."""
     if baseline not in scores:
-        raise ValueError(f"baseline {baseline!r} is not one of the models {sorted(scores)}")
+        raise AtmRayError(f"baseline {baseline!r} is not one of the models {sorted(scores)}")
     table = {}
     for name, result in scores.items():
         row = {metric: result[metric] for metric in HEADLINE_METRICS}

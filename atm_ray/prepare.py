@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from atm_ray.config import Config, CorpusConfig
 from atm_ray.data import files
 from atm_ray.data.readers import read_text_source, to_spoken_form
-from atm_ray.mlm import pack_batch, tokenize_batch
+from atm_ray.mlm import most_frequent_token, pack_batch, tokenize_batch
 from atm_ray.tokenizer import load_tokenizer, tokenizer_statistics, train_tokenizer
 from atm_ray.utils import atomic_write_json, read_json
 
@@ -57,6 +57,15 @@ class PreparedData:
     @property
     def vocab_size(self) -> int:
         return self.manifest["vocab_size"]
+
+    def unigram_tokens(self) -> dict[str, int]:
+        """The most frequent training token of each kind of text (the unigram plateau's guess)."""
+        recorded = self.manifest.get("most_frequent_token")
+        if recorded:
+            return recorded
+        # prepared before this was recorded: count it from the shards
+        return {kind: most_frequent_token(pq.read_table(self.shard_dir(kind, "train"), columns=["input_ids"])
+                                          .column("input_ids").combine_chunks().flatten().to_numpy()) for kind in KINDS}
 
 
 def read_corpus(corpus: CorpusConfig, root: str, strict: bool, seed: int) -> tuple[dict[str, list[dict]], list[str]]:
@@ -139,7 +148,7 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
 
     training_text = [record["text"] for kind in KINDS for record in corpora[kind]["train"]]
     logger.info("prepare: training a %d-piece tokenizer on %d texts", config.tokenizer.vocab_size, len(training_text))
-    tokenizer = train_tokenizer(training_text, config.tokenizer.vocab_size)
+    tokenizer = train_tokenizer(training_text, config.tokenizer.vocab_size, lowercase=config.tokenizer.lowercase)
     tokenizer.save_pretrained(str(output.tokenizer_dir))
     tokenizer = load_tokenizer(output.tokenizer_dir)
 
@@ -149,6 +158,7 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
     atomic_write_json(output.root / "tokenizer_stats.json", statistics)
 
     counts: dict[str, dict[str, dict[str, int]]] = {}
+    unigram: dict[str, int] = {}
     for kind in KINDS:
         counts[kind] = {}
         for split in SPLITS:
@@ -156,6 +166,8 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
             table = tokenize_and_pack(records, tokenizer, data.max_seq_len, data.num_proc)
             rows = write_shards(table, output.shard_dir(kind, split), data.shard_rows)
             counts[kind][split] = {"records": len(records), "rows": rows}
+            if split == "train":
+                unigram[kind] = most_frequent_token(table.column("input_ids").combine_chunks().flatten().to_numpy())
 
     atomic_write_json(
         manifest_path,
@@ -165,6 +177,7 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
             "vocab_size": len(tokenizer),
             "seq_len": data.max_seq_len,
             "counts": counts,
+            "most_frequent_token": unigram,
             "read": reports,
         },
     )

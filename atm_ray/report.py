@@ -125,6 +125,9 @@ def plot_mask_filling(histories: dict[str, list[dict]], path: Path) -> Path:
                       marker=".", label=f"{kind}")
             axis.plot(steps, [entry.get(f"{kind}/noun_mask_fill_accuracy", math.nan) for entry in history], "--",
                       color=color, label=f"{kind}, nouns")
+            unigram = [entry.get(f"{kind}/unigram_mask_fill_accuracy", math.nan) for entry in history]
+            if not all(map(math.isnan, unigram)):
+                axis.plot(steps, unigram, ":", color=color, alpha=0.7, label=f"{kind}, most frequent token")
         switch = _switch_step(history)
         if switch is not None:
             axis.axvline(switch, color="C3", linestyle=":", label="teacher switch")
@@ -176,7 +179,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Loss and perplexity", "",
                   f"![loss and perplexity per stage](report/{plot_loss_and_perplexity(histories, figures / 'loss_perplexity.png').name})", "",
                   "## Mask filling (written vs spoken held-out text)", "",
-                  "Solid: all masked tokens; dashed: sub-words of nouns (UD NOUN/PROPN, PTB NN*).", "",
+                  "Solid: all masked tokens; dashed: sub-words of nouns (UD NOUN/PROPN, PTB NN*); dotted: always "
+                  "guessing the most frequent training token on the same masks (the unigram plateau).", "",
                   f"![mask-filling accuracy per stage](report/{plot_mask_filling(histories, figures / 'mask_filling.png').name})", ""]
     if finetune:
         lines += ["## Fine-tuning (intent + slots)", "",
@@ -186,6 +190,11 @@ def write_report(run_dir: str | Path) -> Path:
         body = comparison.read_text().splitlines()
         lines += [line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body]
         lines += ["", "Relative error change: (error − baseline error) / baseline error; negative is better.", ""]
+    ablation = run_dir / "nlu_quality.md"
+    if ablation.is_file():  # bench/nlu_quality.py: what each step of the recipe buys
+        lines += ["## What each step buys (bench/nlu_quality.py)", ""]
+        lines += [line.replace("# ", "### ", 1) if line.startswith("# ") else line for line in ablation.read_text().splitlines()[1:]]
+        lines += [""]
     lines += _sweep_section(run_dir)
     report = run_dir / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
@@ -194,7 +203,8 @@ def write_report(run_dir: str | Path) -> Path:
 
 def _stage_table(run_dir: Path, histories: dict[str, list[dict]]) -> list[str]:
     lines = ["## Stages", "",
-             "| stage | what | state | steps | train loss | written ppl | spoken ppl | spoken mask fill | resumed at | export |",
+             "| stage | what | state | steps | train loss | written ppl | spoken ppl | spoken mask fill "
+             "(most frequent token) | resumed at | export |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for stage, description in {**MLM_STAGES, **FINETUNE_STAGES}.items():
         stage_dir = run_dir / stage
@@ -215,7 +225,8 @@ def _stage_table(run_dir: Path, histories: dict[str, list[dict]]) -> list[str]:
         lines.append(
             f"| {stage} | {description} | {state} | {_number(last.get('step'))} | {_number(last.get('train_loss'))} | "
             f"{_number(last.get('written/perplexity'))} | {_number(last.get('spoken/perplexity'))} | "
-            f"{_number(last.get('spoken/mask_fill_accuracy'))} | {', '.join(map(str, resumes)) or '–'} | "
+            f"{_number(last.get('spoken/mask_fill_accuracy'))} ({_number(last.get('spoken/unigram_mask_fill_accuracy'))}) | "
+            f"{', '.join(map(str, resumes)) or '–'} | "
             f"{stage_dir / EXPORT_DIR if manifest else '–'} |"
         )
     return lines + [""]

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from atm_ray.ab import Arm, ArmRouter, Ledger
+from atm_ray.utils import is_encodable
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ def validate_parse_request(payload: object, max_text_chars: int, prefix: str = "
         raise ClientError(422, "empty_text", f"'{prefix}text' is empty or only whitespace", prefix + "text")
     if len(text) > max_text_chars:
         raise ClientError(422, "text_too_long", f"'{prefix}text' has {len(text)} characters; the limit is {max_text_chars}", prefix + "text")
+    if not is_encodable(text):
+        raise ClientError(422, "invalid_text", f"'{prefix}text' is not valid Unicode text (a lone surrogate?)", prefix + "text")
     return {"text": text, "user_id": _optional_string(payload, "user_id", prefix), "request_id": _optional_string(payload, "request_id", prefix)}
 
 
@@ -155,6 +158,8 @@ def validate_feedback(payload: object) -> tuple[str, bool]:
     if unknown:
         raise ClientError(422, "unknown_field", f"unknown field '{unknown[0]}'", unknown[0])
     request_id = _optional_string(payload, "request_id", "")
+    if request_id is None:  # present but null: a client mistake, not an unknown id
+        raise ClientError(422, "wrong_type", "'request_id' must be a string, not null", "request_id")
     if not isinstance(payload["satisfied"], bool):
         raise ClientError(422, "wrong_type", f"'satisfied' must be true or false, not {type(payload['satisfied']).__name__}", "satisfied")
     return request_id, payload["satisfied"]
@@ -245,12 +250,25 @@ def build_app(args: dict):
         def _batcher(self, arm: str):
             parser = self.parsers[arm]
 
-            async def parse_batch(texts: list[str]) -> list[dict]:
+            async def parse_batch(texts: list[str]) -> list[dict | Exception]:
                 self.pending.append({"kind": "batch", "arm": arm, "size": len(texts)})
                 # On the loop, not in a thread: while a batch computes, requests gather in front of the
                 # replica and the next batch takes them all (measured: mean batch 5.5 at 16 clients;
                 # an inference thread left batches at ~1.1 on a 2-core machine, GIL contention).
-                return parser.parse(texts)
+                try:
+                    return parser.parse(texts)
+                except Exception:
+                    if len(texts) == 1:
+                        raise
+                # one request's failure stays its own: parse them one by one, and hand each caller its
+                # own result or exception (Serve fails every caller of a batch that raises)
+                results: list[dict | Exception] = []
+                for text in texts:
+                    try:
+                        results.append(parser.parse([text])[0])
+                    except Exception as error:
+                        results.append(error)
+                return results
 
             return serve.batch(max_batch_size=self.settings.max_batch_size, batch_wait_timeout_s=self.settings.batch_wait_timeout_s)(parse_batch)
 
@@ -286,6 +304,8 @@ def build_app(args: dict):
             request_id = item["request_id"] or uuid.uuid4().hex
             try:
                 result = await self.batchers[arm](item["text"])
+                if isinstance(result, Exception):
+                    raise result
             except Exception:
                 self.error_counter.inc(tags={"arm": arm})
                 self.pending.append({"kind": "error", "arm": arm})
@@ -304,6 +324,8 @@ def build_app(args: dict):
         async def _shadow(self, text: str, answered: dict) -> None:
             try:
                 shadow = await self.batchers[self.settings.shadow](text)
+                if isinstance(shadow, Exception):
+                    raise shadow
             except Exception:
                 logger.exception("shadow arm failed")
                 self.pending.append({"kind": "error", "arm": self.settings.shadow})

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atm_ray.config import Config, StageConfig
+from atm_ray.config import AtmRayError, Config, StageConfig
 from atm_ray.engine import (
     EXPORT_DIR,
     HISTORY_FILE,
@@ -68,6 +68,7 @@ class StagePlan:
     vocab_size: int
     init_from: str | None = None
     teachers: list[str] = field(default_factory=list)
+    unigram_tokens: dict[str, int] = field(default_factory=dict)  # per held-out kind: the plateau's guess
 
 
 @dataclass
@@ -153,6 +154,7 @@ def make_plan(
         vocab_size=prepared.vocab_size,
         init_from=init_from,
         teachers=teachers,
+        unigram_tokens=prepared.unigram_tokens(),
     )
 
 
@@ -174,7 +176,7 @@ def build_trainer(config: Config, plan: StagePlan) -> tuple[MlmTrainer, float]:
 
         model = AutoModelForMaskedLM.from_pretrained(plan.init_from, dtype=torch.float32)  # trained in fp32 (or autocast)
         if model.config.vocab_size != plan.vocab_size:
-            raise ValueError(
+            raise AtmRayError(
                 f"{plan.init_from} has a vocabulary of {model.config.vocab_size}, the prepared data {plan.vocab_size}"
             )
     else:
@@ -213,6 +215,7 @@ def loop_settings(config: Config, plan: StagePlan, initial_checksum: float, fail
         eval_every=settings.eval_every,
         eval_batches=settings.eval_batches,
         checkpoint_every=settings.checkpoint_every,
+        unigram_tokens=plan.unigram_tokens,
         # resumed_from_step: the step this run of the stage started at (0: from the beginning)
         extra_metrics={"initial_weights_checksum": initial_checksum, "resumed_from_step": resumed_from},
         **fail,
@@ -228,7 +231,8 @@ def _append_metrics_log(stage_dir: str, metrics: dict, steps: int) -> None:
         with open(os.path.join(stage_dir, "metrics.jsonl"), "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
     shown = [f"{name} {metrics[name]:.4g}" for name in ("train_loss", "written/perplexity", "spoken/perplexity",
-                                                           "spoken/mask_fill_accuracy") if name in metrics]
+                                                           "spoken/mask_fill_accuracy", "spoken/unigram_mask_fill_accuracy")
+             if name in metrics]
     print(f"[{Path(stage_dir).name}] step {metrics['step']}/{steps}: {', '.join(shown)}", flush=True)
 
 
@@ -296,10 +300,11 @@ def train_worker(loop_config: dict) -> None:
     torch.distributed.barrier()
 
 
-def init_ray(address: str | None = None, dashboard: bool = False) -> None:
-    """Join ``address`` (or the cluster of a submitted job), else start a local Ray for this program
-    (with its dashboard when ``dashboard``: Ray's state API lives there, and Ray Train V2 uses it to
-    release the resources of a run whose driver was killed, as Tune does to trials that ASHA stops)."""
+def init_ray(address: str | None = None, dashboard: bool = True) -> None:
+    """Join ``address`` (or the cluster of a submitted job), else start a local Ray for this program,
+    with its dashboard on 127.0.0.1: Ray's state API lives there, and Ray Train V2's placement-group
+    cleaner polls it after every run (without it, each stage leaves a cleaner that warns forever that the
+    state API is unavailable, and cannot free a dead run's workers; Tune needs it for trials ASHA stops)."""
     import ray
 
     environment = {
@@ -424,7 +429,8 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
         return done
     settings = stage_settings(config, plan)
     stage_dir = Path(plan.stage_dir)
-    checkpoints = stage_dir / "checkpoints"
+    # keyed by the config hash, as Ray Train's runs are: changed settings never resume another's state
+    checkpoints = stage_dir / "checkpoints" / plan.config_hash
     checkpoints.mkdir(parents=True, exist_ok=True)
     init_single_process_group()
     trainer, initial_checksum = build_trainer(config, plan)
@@ -442,14 +448,19 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
         replay = endless(RowSource(read_rows(plan.replay_dir), replay_size, rank, world, config.seed + 1), position)
 
     def checkpoint_dir() -> str:
+        # one rank makes the folder that all ranks then write into (under torchrun every rank calls this)
         directory = checkpoints / f".partial-step-{trainer.step}"
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir()
+        if rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+        torch.distributed.barrier()
         return str(directory)
 
     def report(metrics: dict, directory: str | None) -> None:
         if rank == 0:
             _append_metrics_log(plan.stage_dir, metrics, settings.steps)
+        if directory:
+            torch.distributed.barrier()  # every rank has written its shards and RNG state
         if directory and rank == 0:
             final = checkpoints / f"step-{trainer.step}"
             shutil.rmtree(final, ignore_errors=True)
@@ -466,5 +477,8 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
         report,
         checkpoint_dir,
     )
+    torch.distributed.barrier()  # rank 0 has moved the last checkpoint into place
     final = sorted(checkpoints.glob("step-*"), key=lambda path: int(path.name.split("-")[1]))[-1]
+    if rank != 0:  # one rank publishes the export
+        return StageResult(stage_dir, stage_dir / EXPORT_DIR, {})
     return _finish_stage(plan, prepared, final, str(final))

@@ -34,19 +34,14 @@ from pathlib import Path
 
 import yaml
 
-from atm_ray.config import Config, ConfigError, SweepConfig, apply_override
+from atm_ray.config import DOWNSTREAM_METRICS, HELDOUT_DIRECTIONS, LOSS_TERMS, Config, ConfigError, SweepConfig, apply_override
 from atm_ray.utils import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "tune"
 BEST_OVERRIDES = "best_overrides.yaml"
-LOSS_TERMS = ("train_loss", "mlm_loss", "soft_ce_loss", "hidden_loss", "attention_loss")
-HELDOUT_METRICS = (
-    "mlm_loss", "perplexity", "mask_fill_accuracy", "noun_mask_fill_accuracy", "teacher_perplexity",
-    "teacher_mask_fill_accuracy", "teacher_noun_mask_fill_accuracy", "perplexity_gap", "mask_fill_accuracy_gap",
-)
-DOWNSTREAM_METRICS = tuple(f"downstream/{name}" for name in ("intent_accuracy", "slot_f1", "exact_match"))
+HELDOUT_METRICS = tuple(HELDOUT_DIRECTIONS)
 
 
 class SweepInterrupted(RuntimeError):
@@ -232,7 +227,7 @@ def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = No
     state = read_json(state_file) if state_file.is_file() else None
     if not (state and state.get("finished")):
         # (a finished sweep needs no Ray: its outputs are rebuilt from its records)
-        init_ray(config.cluster.address, dashboard=True)
+        init_ray(config.cluster.address)
     upstream_hash = ensure_upstream(config, sweep.student, run_dir)
     settings_hash = sweep_hash(config, upstream_hash)
     if state is not None:
@@ -365,7 +360,7 @@ def best_trial(config: Config, rows: list[dict]) -> dict | None:
     to the end (a stopped trial's last value comes from fewer steps)."""
     sweep = config.sweep
     select_by = sweep.select_by or sweep.metric
-    mode = sweep.select_mode or (sweep.mode if select_by == sweep.metric else "max")
+    mode = sweep.select_mode  # validated with the config: the metric's own direction unless set
     scored = [row for row in rows if row["status"] != "error" and _finite(row["metrics"].get(select_by))]
     if not scored:
         return None

@@ -30,13 +30,15 @@ def train_tokenizer(
     vocab_size: int,
     character_coverage: float = 0.9995,
     max_piece_length: int = 16,
+    lowercase: bool = False,
 ) -> PreTrainedTokenizerFast:
-    """Train a Unigram model over NFKC-normalised text split on whitespace (Metaspace, as SentencePiece).
+    """Train a Unigram model over NFKC-normalised (and, with ``lowercase``, lower-cased) text split on
+    whitespace (Metaspace, as SentencePiece).
 
     As SentencePiece's ``character_coverage``, the rarest characters (beyond ``character_coverage`` of
     all characters, and beyond half the vocabulary) are left out of training and become ``<unk>``.
     """
-    normalizer = normalizers.NFKC()
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]) if lowercase else normalizers.NFKC()
     texts = [normalizer.normalize_str(text) for text in texts]
     alphabet = _covered_characters(texts, character_coverage, vocab_size // 2)
     texts = ["".join(character for character in text if character in alphabet or character == " ") for text in texts]

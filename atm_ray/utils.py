@@ -12,6 +12,16 @@ from pathlib import Path
 from typing import Any
 
 
+def is_encodable(text: str) -> bool:
+    """Whether ``text`` is real Unicode: JSON can carry lone surrogates (``"\\ud800"``), which no tokenizer
+    can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write through a temporary file in the same folder and rename, so readers never see half a file."""
     path = Path(path)
@@ -47,3 +57,63 @@ def publish_copy(source: str | Path, destination: str | Path) -> Iterator[Path]:
     yield staging
     shutil.rmtree(destination, ignore_errors=True)
     staging.replace(destination)
+
+
+LOCK_FILE = ".atm-ray.lock"
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live program is writing into the same run folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+@contextmanager
+def run_folder_lock(run_dir: str | Path, command: str) -> Iterator[None]:
+    """Hold ``<run_dir>/.atm-ray.lock`` while a command writes into the run folder, so that a second run
+    into the same folder is refused instead of racing the first. A lock left by a process that has
+    died on this machine is taken over."""
+    import socket
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
+    while True:
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}  # half-written by a process that died between create and write, or just removed
+            if holder.get("host") == mine["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            if not holder:
+                lock.unlink(missing_ok=True)
+                continue
+            raise RunFolderBusy(
+                f"{run_dir} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                f"({holder.get('command', '?')}). Wait for it to finish or stop it, or pass another --run-dir; "
+                f"if that process is gone, delete {lock}."
+            ) from None
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(mine, handle)
+        break
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text()).get("pid") == mine["pid"]:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass

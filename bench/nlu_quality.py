@@ -1,19 +1,31 @@
-"""NLU quality: fine-tune the pipeline's final student and the scratch baseline (same architecture, random
-weights) on SNIPS and on SLURP devel, and print intent accuracy, slot F1, exact match and the relative
-error change against the baseline, beside the JointBERT anchors.
+"""NLU quality and what each step of the recipe buys (the paper's ablation): fine-tune every model of a
+finished pipeline run the same way on SNIPS and on SLURP devel, over several fine-tuning seeds, and print
+intent accuracy, slot F1 and exact match (mean ± std over seeds) with the relative error change against
+the scratch baseline, beside the JointBERT anchors.
 
-    python bench/nlu_quality.py --preset cpu            # after `atm-ray pipeline --preset cpu`
-    python bench/nlu_quality.py --preset tiny --run-dir runs/tiny
+    atm-ray pipeline --preset tiny && python bench/nlu_quality.py --preset tiny --no-ray
+    python bench/nlu_quality.py --preset cpu --seeds 0 1 2          # after `atm-ray pipeline --preset cpu`
+    python bench/nlu_quality.py --preset cpu --teacher mine=/path/to/bert   # one more row: a teacher you have
 
-Data come from the preset's data.root (../shared/data); where a corpus is not there, the slice bundled in
-the package is used and the table says so. SLURP devel has no train/test split: 10% of it is held out for
-dev and 10% for test. Results go to <run>/nlu_quality.{md,json}.
+Rows (same fine-tuning for every row):
+- scratch: the final student's architecture from random weights;
+- mlm_only: the final student's architecture pretrained with MLM alone on the final distillation's text for
+  the same steps (no teacher; trained here as the stage ``final_mlm_only`` if the run lacks it);
+- final: the distilled final student; intermediate: the intermediate student after its continuation;
+- teacher_stage1 / teacher_stage2: the teachers themselves.
+
+A difference counts as a gain only when it exceeds twice the larger of the two rows' standard deviations
+over seeds; the table says which do. Data come from the preset's data.root (../shared/data); where a
+corpus is not there, the slice bundled in the package is used and the table says so. SLURP devel has no
+train/test split: 10% of it is held out for dev and 10% for test. Results go to
+<run>/nlu_quality.{md,json}; the run report (``atm-ray report``) includes the markdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,48 +34,125 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from atm_ray.config import NluSource, load_config  # noqa: E402
 from atm_ray.data import files  # noqa: E402
 from atm_ray.engine import EXPORT_DIR  # noqa: E402
-from atm_ray.evaluate import compare_models  # noqa: E402
+from atm_ray.evaluate import score_model  # noqa: E402
 from atm_ray.finetune import load_nlu_data, plan_finetune, run_finetune_stage, split_sources  # noqa: E402
-from atm_ray.nlu_metrics import comparison_markdown  # noqa: E402
+from atm_ray.modeling import count_parameters  # noqa: E402
 
 DATASETS = {
     "snips": ("jointbert", "nlu/snips", "bundled:nlu/snips"),
     "slurp_devel": ("slurp", "nlu/slurp/devel.jsonl", "bundled:nlu/slurp/devel.jsonl"),
 }
-ANCHORS = """JointBERT anchors (SNIPS test): BERT-base 99.14 intent / 96.90 slot F1 / 93.00 exact match;
+MODELS = {  # row -> the stage whose export is fine-tuned
+    "scratch": "final_distill",
+    "mlm_only": "final_mlm_only",
+    "final": "final_distill",
+    "intermediate": "intermediate_continue",
+    "teacher_stage1": "teacher_stage1",
+    "teacher_stage2": "teacher_stage2",
+}
+METRICS = ("intent_accuracy", "slot_f1", "exact_match")
+ANCHORS = """JointBERT anchors (SNIPS test, full training set): BERT-base 99.14 intent / 96.90 slot F1 / 93.00 exact match;
 DistilBERT 98.00 / 96.10 / 91.00."""
+
+
+def train_mlm_only(config, run_dir: Path, use_ray: bool) -> Path:
+    """The final student's shape trained with MLM alone on the final distillation's text and steps."""
+    from atm_ray.prepare import prepare
+    from atm_ray.stages import make_plan, run_stage, run_stage_local
+
+    prepared = prepare(config, run_dir)
+    settings = config.distill.final
+    plan = make_plan(
+        config, prepared, run_dir, name="final_mlm_only", kind="mlm", settings_key="distill.final",
+        model=settings.student, train="written", replay="spoken", replay_fraction=settings.spoken_fraction,
+    )
+    return (run_stage if use_ray else run_stage_local)(config, plan, prepared).export_dir
+
+
+def non_embedding_parameters(export_dir: Path) -> int:
+    import json as json_module
+
+    from atm_ray.config import ModelShape
+
+    model = json_module.loads((export_dir / "config.json").read_text())
+    shape = ModelShape(num_layers=model["num_hidden_layers"], hidden_size=model["hidden_size"],
+                       num_heads=model["num_attention_heads"], intermediate_size=model["intermediate_size"],
+                       max_positions=model["max_position_embeddings"] - 2, dropout=0.0)
+    return count_parameters(shape, model["vocab_size"]).non_embedding
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(name: str, title: str, rows: dict[str, dict], parameters: dict[str, int]) -> str:
+    base = rows["scratch"]
+    lines = [f"### {title}", "",
+             "| model | non-emb. params | intent acc. | slot F1 | exact match | Δ EM err. vs scratch | EM gain beyond 2σ |",
+             "|---|---:|---:|---:|---:|---:|:---:|"]
+    for model, scores in rows.items():
+        cells = [f"{100 * scores[metric][0]:.2f} ± {100 * scores[metric][1]:.2f}" for metric in METRICS]
+        base_error, error = 1 - base["exact_match"][0], 1 - scores["exact_match"][0]
+        change = "—" if model == "scratch" else f"{100 * (error - base_error) / max(base_error, 1e-9):+.1f}%"
+        gain = scores["exact_match"][0] - base["exact_match"][0]
+        spread = 2 * max(scores["exact_match"][1], base["exact_match"][1])
+        verdict = "—" if model == "scratch" else (f"yes (+{100 * gain:.2f})" if gain > spread else f"no ({100 * gain:+.2f}, 2σ {100 * spread:.2f})")
+        lines.append(f"| {model} | {parameters[model]:,} | " + " | ".join(cells) + f" | {change} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--run-dir", type=Path, default=None)
-    parser.add_argument("--no-ray", action="store_true", help="fine-tune in this process")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--teacher", action="append", default=[], metavar="NAME=DIR",
+                        help="one more row: an existing masked-LM folder with its tokenizer, fine-tuned the same way")
+    parser.add_argument("--max-train-records", type=int, default=None,
+                        help="fine-tune on the first N training utterances (a low-resource setting; the tiny preset's 2,000)")
+    parser.add_argument("--no-ray", action="store_true", help="train and fine-tune in this process")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     config = load_config(args.preset, args.overrides)
     run_dir = Path(args.run_dir or config.resolved_run_dir())
-    student = run_dir / "final_distill" / EXPORT_DIR
-    if not (student / "config.json").is_file():
-        sys.exit(f"{student}: no final student; run `atm-ray pipeline --preset {args.preset}` first")
+    if not (run_dir / "final_distill" / EXPORT_DIR / "config.json").is_file():
+        sys.exit(f"{run_dir}: no final student; run `atm-ray pipeline --preset {args.preset}` first")
+    if "mlm_only" in args.models:
+        train_mlm_only(config, run_dir, use_ray=not args.no_ray)
+    exports = {model: run_dir / MODELS[model] / EXPORT_DIR for model in args.models}
+    for text in args.teacher:
+        name, _, directory = text.partition("=")
+        exports[name] = Path(directory)
+    parameters = {model: non_embedding_parameters(directory) for model, directory in exports.items()}
 
     sections, results = [], {}
-    for name, (source_format, path, bundled) in DATASETS.items():
+    for dataset in args.datasets:
+        source_format, path, bundled = DATASETS[dataset]
         located = path if files.exists(files.resolve(path, config.data.root)) else bundled
         splits = split_sources([NluSource(format=source_format, path=located)], config.data.root)
-        settings = config.finetune.model_copy(update=splits)
-        data_config = config.model_copy(update={"finetune": settings})
-        data = load_nlu_data(settings, config.data.root, config.data.strict, config.seed)
-        exports = {}
-        for model, scratch in (("scratch", True), ("student", False)):
-            plan = plan_finetune(data_config, data, student, f"nlu_quality_{name}_{model}", scratch, run_dir)
-            exports[model] = run_finetune_stage(data_config, plan, data, use_ray=not args.no_ray)["outputs"]["export"]
-        result = compare_models(exports, data.test, "scratch")
-        results[name] = result
-        title = f"{name} ({located}; {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test)"
-        sections.append(comparison_markdown(result["overall"], title))
+        if args.max_train_records:
+            splits["train"] = [source.model_copy(update={"max_records": args.max_train_records}) for source in splits["train"]]
+        scores: dict[str, dict[str, list[float]]] = {model: {metric: [] for metric in METRICS} for model in exports}
+        for seed in args.seeds:
+            seeded = config.model_copy(update={"seed": seed, "finetune": config.finetune.model_copy(update=splits)})
+            data = load_nlu_data(seeded.finetune, config.data.root, config.data.strict, seed=0)  # same splits every seed
+            for model, directory in exports.items():
+                plan = plan_finetune(seeded, data, directory, f"nlu_quality/{dataset}_{model}_seed{seed}", model == "scratch", run_dir)
+                manifest = run_finetune_stage(seeded, plan, data, use_ray=not args.no_ray)
+                test = score_model(manifest["outputs"]["export"], data.test)
+                for metric in METRICS:
+                    scores[model][metric].append(test[metric])
+                print(f"{dataset} seed {seed} {model}: " + ", ".join(f"{metric} {100 * test[metric]:.2f}" for metric in METRICS), flush=True)
+        rows = {model: {metric: summarise(values) for metric, values in metrics.items()} for model, metrics in scores.items()}
+        results[dataset] = {"rows": rows, "per_seed": scores, "seeds": args.seeds, "data": located}
+        title = f"{dataset} ({located}; {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test; seeds {args.seeds})"
+        sections.append(table(dataset, title, rows, parameters))
 
-    report = f"# NLU quality, preset {config.name}\n\n" + "\n".join(sections) + "\n" + ANCHORS + "\n"
+    report = (f"# NLU quality, preset {config.name}\n\nMean ± standard deviation over fine-tuning seeds, in %. "
+              "A gain counts when it exceeds twice the larger standard deviation of the two rows.\n\n"
+              + "\n".join(sections) + "\n" + ANCHORS + "\n")
     print(report)
     (run_dir / "nlu_quality.md").write_text(report)
     (run_dir / "nlu_quality.json").write_text(json.dumps(results, indent=1))

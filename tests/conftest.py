@@ -44,13 +44,14 @@ def tiny_prepared(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A real local Ray cluster for the module, shut down afterwards."""
+def local_ray(request):
+    """A real local Ray cluster for the module, shut down afterwards (with its dashboard, as the CLI
+    starts it, unless the module sets ``RAY_DASHBOARD = False``: Serve needs no state API)."""
     import ray
 
     from atm_ray.stages import init_ray
 
-    init_ray()
+    init_ray(dashboard=getattr(request.module, "RAY_DASHBOARD", True))
     yield ray
     ray.shutdown()
 

@@ -118,3 +118,15 @@ def test_override_file_errors_name_the_file_and_key(tmp_path):
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config("tiny", [], [str(listed)])
+
+
+def test_teacher_switch_direction_is_the_metrics_own_and_checked_at_load():
+    from atm_ray.config import ConfigError, load_config
+
+    assert load_config("tiny").distill.intermediate.switch.mode == "min"  # written/mlm_loss falls
+    rising = load_config("tiny", ["distill.intermediate.switch.metric=spoken/mask_fill_accuracy"])
+    assert rising.distill.intermediate.switch.mode == "max"
+    with pytest.raises(ConfigError, match="distill.intermediate.switch.*spoken/mask_fill"):
+        load_config("tiny", ["distill.intermediate.switch.metric=spoken/mask_fill"])
+    with pytest.raises(ConfigError, match="held-out metric"):
+        load_config("tiny", ["distill.intermediate.switch.metric=train_loss"])

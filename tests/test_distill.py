@@ -48,7 +48,11 @@ def test_intermediate_switches_teacher_on_plateau_then_continues(teachers, tmp_p
     assert [entry["train_loss"] for entry in history] == pytest.approx([16.5467, 16.2904, 16.0629, 15.8759], rel=2e-3)
     for entry in history:
         assert {"mlm_loss", "soft_ce_loss", "written/teacher_perplexity", "spoken/perplexity_gap"} <= set(entry)
-    # the student learns from the Stage-2 teacher after the switch: its spoken perplexity is the one quoted
+    # the student learns from the Stage-2 teacher after the switch: the teacher perplexity quoted beside the
+    # student's is the Stage-1 teacher's before the switch and the Stage-2 teacher's after it (same held-out masks)
+    for teacher, entry in (("teacher_stage1", history[0]), ("teacher_stage2", history[-1])):
+        own = _history(run_dir / teacher)[-1]
+        assert entry["spoken/teacher_perplexity"] == pytest.approx(own["spoken/perplexity"], rel=1e-4), teacher
     manifest = json.loads((distilled.stage_dir / "manifest.json").read_text())
     assert manifest["stage"] == "intermediate_distill"
     continued_manifest = json.loads((continued.stage_dir / "manifest.json").read_text())
@@ -203,3 +207,54 @@ def test_student_initialised_from_every_kth_teacher_layer():
     narrow = build_masked_lm(ModelShape(num_layers=2, hidden_size=16, num_heads=2, intermediate_size=64), 100)
     with pytest.raises(ValueError, match="equal widths"):
         init_from_teacher_layers(narrow, teacher)
+
+
+def test_attention_matching_runs_and_logs_its_term():
+    """weights.attention > 0 builds student and teacher with eager attention (SDPA returns no maps) and
+    the attention-map loss is trained and logged beside the others."""
+    import math
+
+    import numpy as np
+
+    from atm_ray.config import ModelShape
+    from atm_ray.distill import DistillTrainer
+    from atm_ray.engine import init_single_process_group
+    from atm_ray.modeling import build_masked_lm
+    from atm_ray.tokenizer import load_tokenizer
+
+    teacher = FIXTURES / "spoken_teacher"
+    tokenizer = load_tokenizer(teacher)
+    rows = _packed_rows(tokenizer, "text", "bundled:spoken/slurp_lm.txt")
+    base = load_config("tiny").distill.final
+    settings = base.model_copy(update={
+        "steps": 3, "init": "random", "weights": base.weights.model_copy(update={"attention": 1.0}),
+        "engine": base.engine.model_copy(update={"zero_stage": 0, "micro_batch_size": 8}),
+    })
+    shape = ModelShape(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128, max_positions=64, dropout=0.0)
+    init_single_process_group()
+    trainer = DistillTrainer(build_masked_lm(shape, len(tokenizer), seed=0), settings, [str(teacher)], len(tokenizer))
+    for step in range(3):
+        trainer.train_step([{name: column[8 * step : 8 * step + 8] for name, column in rows.items()}])
+    terms = trainer.loss_terms()
+    trainer.engine.destroy()
+    assert set(terms) == {"mlm_loss", "soft_ce_loss", "hidden_loss", "attention_loss"}
+    assert all(math.isfinite(value) and value > 0 for value in terms.values()), terms
+    assert np.isfinite(list(terms.values())).all()
+
+
+def test_changed_settings_do_not_resume_the_old_settings_checkpoint(teachers, tmp_path):
+    """In-process runner: a stage that crashed after a checkpoint, rerun with other settings, starts from
+    step 0 (its checkpoints are keyed by the config hash, as Ray Train's runs are)."""
+    run_dir = _copy_run(teachers, tmp_path / "run")
+    command = [sys.executable, "-m", "atm_ray.cli", "distill", "--student", "intermediate", "--no-ray",
+               "--preset", "tiny", "--run-dir", str(run_dir), *SHORT]
+    distributed = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
+    environment = {key: value for key, value in os.environ.items() if key not in distributed}
+    environment["ATM_RAY_FAIL_AT_STEP"] = "8"
+    crashed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == FAULT_EXIT_CODE, crashed.stderr[-3000:]
+    config = load_config("tiny", [f"run_dir={run_dir}", *SHORT, "distill.intermediate.temperature=2.0"])
+    first = run_distill(config, "intermediate", use_ray=False)[0]
+    history = _history(first.stage_dir)
+    assert [entry["step"] for entry in history] == [3, 6, 9, 12]  # every evaluation of this run, from the start
+    assert all(entry["resumed_from_step"] == 0 for entry in history)

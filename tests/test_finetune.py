@@ -124,8 +124,10 @@ def test_ray_fine_tune_beats_the_majority_intent_by_a_wide_margin(encoder_dir, t
     export = tmp_path / "finetune_student" / "export"
     card = (export / "README.md").read_text()
     assert str(encoder_dir) in card and "early stopping on dev exact match" in card
-    # a rerun with the same settings is skipped
-    assert run_finetune(config, encoder_dir, use_ray=True)["config_hash"] == manifest["config_hash"]
+    # a rerun with the same settings is skipped: nothing retrained, nothing rewritten
+    written = {path: path.stat().st_mtime_ns for path in (tmp_path / "finetune_student").rglob("*") if path.is_file()}
+    assert run_finetune(config, encoder_dir, use_ray=True) == manifest
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "finetune_student").rglob("*") if path.is_file()} == written
 
 
 def test_several_languages_are_scored_per_language(encoder_dir, tmp_path, shared_data):

@@ -85,3 +85,8 @@ def test_attention_mse_averages_heads_and_skips_embeddings():
         + torch.nn.functional.mse_loss(student[1].mean(1), teacher[3].mean(1))
     ) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_attention_mse_of_a_map_without_layers_is_zero():
+    mask = torch.ones(1, 3)
+    assert attention_mse((), (), [0], mask).item() == 0.0

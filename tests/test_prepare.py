@@ -1,3 +1,4 @@
+import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -84,3 +85,29 @@ def test_missing_corpus_is_a_clear_error(tmp_path, capsys, missing):
     code = main(["prepare", "--preset", "tiny", "--run-dir", str(tmp_path), f"data.written.train.0.path={missing}"])
     assert code == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_second_run_into_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    """Two commands writing into one run folder would overwrite each other: the second is refused with
+    the holder's PID; a lock left by a process that has died is taken over."""
+    import json
+    import subprocess
+    import sys
+
+    from atm_ray.utils import LOCK_FILE, run_folder_lock
+
+    run_dir = tmp_path / "run"
+    with run_folder_lock(run_dir, "atm-ray pretrain --stage 1"):
+        code = main(["prepare", "--preset", "tiny", "--run-dir", str(run_dir)])
+        assert code == 2
+        error = capsys.readouterr().err
+        assert f"in use by process {os.getpid()}" in error and "atm-ray pretrain --stage 1" in error
+        assert not (run_dir / "prepare").exists()  # nothing was written
+    assert not (run_dir / LOCK_FILE).exists()  # released
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (run_dir / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "command": "x"}))
+    with run_folder_lock(run_dir, "second"):
+        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()

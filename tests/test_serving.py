@@ -22,6 +22,8 @@ from atm_ray.serving import (
 
 # ---------------------------------------------------------------------- plain functions
 
+RAY_DASHBOARD = False  # as `atm-ray serve` starts Ray
+
 
 def test_split_is_weighted_sticky_and_salted():
     router = ArmRouter([Arm("A", "a", 90), Arm("B", "b", 10)], salt="exp-1")
@@ -79,13 +81,11 @@ def malformed_requests() -> list[tuple[str, bytes, dict]]:
     cases += [("/v1/parse:batch", json.dumps(body).encode(), {}) for body in batch_bodies]
     feedback_bodies = [{}, {"request_id": "x"}, {"satisfied": True}, {"request_id": "x", "satisfied": "yes"},
                        {"request_id": 5, "satisfied": True}, {"request_id": "never-seen", "satisfied": True},
-                       {"request_id": "x", "satisfied": True, "note": "!"}, [], "x"]
+                       {"request_id": "x", "satisfied": True, "note": "!"}, {"request_id": None, "satisfied": True}, [], "x"]
     cases += [("/v1/feedback", json.dumps(body).encode(), {}) for body in feedback_bodies]
     cases += [("/v1/feedback", body, {}) for body in (b"{", b"\xff", b"")]
     for arm in ("Z", "", "a", "A B", "../A", "0" * 300):
         cases.append(("/v1/parse", b'{"text": "play jazz"}', {"x-atm-arm": arm}))
-    for index in range(200 - len(cases) if len(cases) < 200 else 0):
-        cases.append(("/v1/parse", json.dumps({"text": "play", "user_id": index}).encode(), {}))
     return cases
 
 
@@ -170,8 +170,10 @@ def test_parses_match_the_in_process_parser(endpoint, nlu_models):
         assert body["intent"]["confidence"] == pytest.approx(wanted["intent"]["confidence"], abs=1e-5)
         assert body["slots"] == wanted["slots"]
         assert body["model_version"].startswith("arm_A@")
-    batch = _post(f"{endpoint}/v1/parse:batch", {"requests": [{"text": text} for text in texts]}).json()["results"]
-    assert [result["request_id"] for result in batch] and len({result["request_id"] for result in batch}) == len(texts)
+    batch = _post(f"{endpoint}/v1/parse:batch", {"requests": [{"text": text} for text in texts]}, headers={"x-atm-arm": "A"}).json()["results"]
+    assert len({result["request_id"] for result in batch}) == len(texts)
+    # each answer lines up with its own input
+    assert [(result["intent"]["name"], result["slots"]) for result in batch] == [(wanted["intent"]["name"], wanted["slots"]) for wanted in expected]
     models = requests.get(f"{endpoint}/v1/models", timeout=10).json()
     assert [arm["name"] for arm in models["arms"]] == ["A", "B"] and models["arms"][1]["share"] == 0.1
     assert requests.get(f"{endpoint}/healthz", timeout=10).json()["status"] == "ok"
@@ -204,7 +206,8 @@ def test_split_stickiness_and_feedback(endpoint):
     assert arms == [expected.assign(user) for user in users]  # the service routes as the router says
     assert len({arm_of("alice") for _ in range(15)}) == 1
 
-    before = requests.get(f"{endpoint}/v1/ab/report", timeout=10).json()["arms"]["A"]["feedback"]
+    before_report = requests.get(f"{endpoint}/v1/ab/report", timeout=10).json()
+    before = before_report["arms"]["A"]["feedback"]
     request_ids = [_post(f"{endpoint}/v1/parse", {"text": "stop"}, headers={"x-atm-arm": "A"}).json()["request_id"] for _ in range(6)]
     for index, request_id in enumerate(request_ids):
         response = _post(f"{endpoint}/v1/feedback", {"request_id": request_id, "satisfied": index % 3 != 0})
@@ -215,25 +218,72 @@ def test_split_stickiness_and_feedback(endpoint):
     feedback = after["arms"]["A"]["feedback"]
     assert feedback["dissatisfied"] - before["dissatisfied"] == 2 and feedback["satisfied"] - before["satisfied"] == 4
     assert "B_vs_A" in after["dissatisfaction_tests"]
-    assert after["arms"]["A"]["latency_ms"]["p99"] >= after["arms"]["A"]["latency_ms"]["p50"] > 0
+    assert after["arms"]["A"]["requests"] - before_report["arms"]["A"]["requests"] == 6  # each request counted once
+    assert after["arms"]["A"]["latency_ms"]["p50"] > 0
 
 
 @pytest.mark.slow
 def test_malformed_requests_get_json_4xx_never_5xx(endpoint):
     cases = malformed_requests() + [("/v1/nowhere", b"{}", {})]
-    assert len(cases) >= 200
+    assert len({(path, body, tuple(headers.items())) for path, body, headers in cases}) == len(cases)  # no padding
     statuses = Counter()
     for path, body, headers in cases:
         response = requests.post(f"{endpoint}{path}", data=body, headers=headers, timeout=30)
         statuses[response.status_code] += 1
-        if path == "/v1/parse" and body.startswith(b'{"text": "play", "user_id": '):
+        if path == "/v1/parse" and body == b'{"text": "hi", "user_id": 7}':
             assert response.status_code == 422  # user_id must be a string
+        if path == "/v1/feedback" and body == b'{"request_id": null, "satisfied": true}':
+            assert response.status_code == 422 and response.json()["error"]["field"] == "request_id"
         assert 400 <= response.status_code < 500, (path, body[:80], headers, response.status_code, response.text)
         error = response.json()["error"]
         assert error["code"] and error["message"]
     wrong_method = requests.get(f"{endpoint}/v1/parse", timeout=10)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
     print(f"malformed requests: {sum(statuses.values())}, status codes {dict(statuses)}")
+
+
+@pytest.mark.slow
+def test_a_hostile_request_inside_a_concurrent_batch_fails_alone(endpoint):
+    """Lone surrogates are valid JSON that no tokenizer can encode: 422 naming the field, while the valid
+    requests sent at the same moment (batched with it) are all answered; generated Unicode never 5xx."""
+    import random
+
+    hostile = b'{"text": "play \\ud800 now"}'
+
+    def call(index):
+        if index % 16 == 7:
+            response = requests.post(f"{endpoint}/v1/parse", data=hostile, headers={"x-atm-arm": "A"}, timeout=30)
+        else:
+            response = _post(f"{endpoint}/v1/parse", {"text": f"play song {index}"}, headers={"x-atm-arm": "A"})
+        return index, response.status_code, response.json()
+
+    for _ in range(3):
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(call, range(16)))
+        for index, status, body in outcomes:
+            if index % 16 == 7:
+                assert status == 422 and body["error"]["field"] == "text", body
+            else:
+                assert status == 200, body
+    generator = random.Random(0)
+    for _ in range(60):
+        text = "".join(chr(generator.choice([generator.randrange(0x20, 0x7F), generator.randrange(0xA0, 0xD800),
+                                              generator.randrange(0xD800, 0xE000), generator.randrange(0xE000, 0x110000)]))
+                       for _ in range(generator.randrange(1, 12)))
+        body = json.dumps({"text": text}).encode()  # ensure_ascii: surrogates travel as \\u escapes
+        response = requests.post(f"{endpoint}/v1/parse", data=body, timeout=30)
+        assert response.status_code < 500, (text, response.text)
+        assert response.status_code in (200, 422), (text, response.text)
+
+
+def test_parser_names_the_utterance_it_cannot_encode(nlu_models):
+    from atm_ray.nlu import Parser
+
+    with pytest.raises(ValueError, match="utterance 1 is not valid Unicode"):
+        Parser(nlu_models["A"]).parse(["play jazz", "play \ud800"])
+    with pytest.raises(ClientError) as caught:
+        validate_parse_request({"text": "a \udfff b"}, 100)
+    assert caught.value.status == 422 and caught.value.body()["error"]["field"] == "text"
 
 
 @pytest.mark.slow
@@ -250,7 +300,11 @@ def test_shadow_arm_agreement_is_recorded(endpoint, nlu_models):
                 break
             time.sleep(0.2)
         assert shadow["compared"] == 30, shadow
-        assert 0.0 <= shadow["intent_agreement_rate"] <= 1.0 and shadow["frame_agreement"] <= shadow["intent_agreement"]
+        # agreement as the two models give it in this process
+        from atm_ray.nlu import Parser
+
+        mine, theirs = Parser(nlu_models["A"]).parse(texts), Parser(nlu_models["B"]).parse(texts)
+        assert shadow["intent_agreement"] == sum(a["intent"]["name"] == b["intent"]["name"] for a, b in zip(mine, theirs))
     finally:
         _deploy(nlu_models)
 

@@ -18,8 +18,6 @@ from atm_ray.distill import run_distill
 from atm_ray.pretrain import run_pretrain_stage
 from atm_ray.sweep import EXPERIMENT, check_sweep
 
-pytestmark = pytest.mark.slow
-
 DISTRIBUTED = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
 
 
@@ -58,6 +56,7 @@ def test_sweep_settings_are_checked_before_any_trial():
         load_config("tiny", ["sweep.search=grid"])  # the preset's space has ranges
 
 
+@pytest.mark.slow
 def test_four_trial_sweep_with_asha_writes_results_and_best_overrides(upstream):
     # two trials with a useful learning rate, then two with a useless one: when the later ones reach
     # the first rung, ASHA has the earlier ones' losses there and stops at least one of them
@@ -101,6 +100,7 @@ def test_four_trial_sweep_with_asha_writes_results_and_best_overrides(upstream):
     assert other.returncode == 2 and "holds a sweep with other settings" in other.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_only_the_unfinished_trials(upstream):
     overrides = ["sweep.num_samples=2", "sweep.max_concurrent_trials=1", "sweep.scheduler=fifo",
                  "sweep.steps=6", "sweep.eval_every=3"]
@@ -161,6 +161,26 @@ def test_best_trial_prefers_trials_that_ran_to_the_end():
     assert expected_trials(grid.sweep) == 12
 
 
+@pytest.mark.slow
+def test_better_is_the_metrics_own_direction_unless_said():
+    """Selecting by a perplexity picks the lowest one (a guess from the ASHA metric's mode picked the worst);
+    an unknown select_by is refused when the config loads."""
+    from atm_ray.sweep import best_trial
+
+    rows = [
+        {"trial_id": "a", "status": "finished", "step": 60, "params": {}, "metrics": {"spoken/perplexity": 40.0}},
+        {"trial_id": "b", "status": "finished", "step": 60, "params": {}, "metrics": {"spoken/perplexity": 90.0}},
+    ]
+    config = load_config("tiny", ["sweep.select_by=spoken/perplexity"])
+    assert config.sweep.mode == "max" and config.sweep.select_mode == "min"
+    assert best_trial(config, rows)["trial_id"] == "a"
+    assert best_trial(load_config("tiny", ["sweep.select_by=spoken/perplexity", "sweep.select_mode=max"]), rows)["trial_id"] == "b"
+    assert load_config("tiny", ["sweep.metric=spoken/perplexity"]).sweep.mode == "min"
+    with pytest.raises(ConfigError, match="select_by"):
+        load_config("tiny", ["sweep.select_by=spoken/perplexty"])
+
+
+@pytest.mark.slow
 def test_downstream_scores_come_from_a_short_fine_tune(upstream, tmp_path):
     from atm_ray.sweep import downstream_scores
 

@@ -42,3 +42,14 @@ def test_statistics_per_language():
     assert statistics["en"]["subwords_per_word"] >= 1.0
     assert statistics["xx"]["unknown_rate"] > 0.0
     assert statistics["xx"]["words"] == 3
+
+
+def test_lowercase_tokenizer_gives_cased_and_lower_text_the_same_pieces(tmp_path):
+    tokenizer = train_tokenizer(TEXTS, vocab_size=300, lowercase=True)
+    tokenizer.save_pretrained(str(tmp_path))
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert loaded("Set An ALARM")["input_ids"] == loaded("set an alarm")["input_ids"]
+    encoded = loaded("Wie wird das Wetter", add_special_tokens=False, return_offsets_mapping=True)
+    pieces = [("Wie wird das Wetter")[start:end] for start, end in encoded["offset_mapping"]]
+    assert "".join(pieces).replace(" ", "") == "WiewirddasWetter"  # offsets point into the text as given
+    assert train_tokenizer(TEXTS, vocab_size=300)("Set")["input_ids"] != train_tokenizer(TEXTS, vocab_size=300)("set")["input_ids"]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from atm_ray.config import AtmRayError
+
 BUNDLED_PREFIX = "bundled:"
 
 
@@ -54,7 +56,7 @@ def read_text(location: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        raise ValueError(f"{location}:{line}: not valid UTF-8 ({error.reason})") from None
+        raise AtmRayError(f"{location}:{line}: not valid UTF-8 ({error.reason})") from None
 
 
 def list_files(location: str, suffix: str = "") -> list[str]:

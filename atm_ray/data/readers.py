@@ -19,6 +19,7 @@ from pathlib import PurePosixPath
 
 import pyarrow as pa
 
+from atm_ray.config import AtmRayError
 from atm_ray.data import files
 
 TEXT_SCHEMA = pa.schema(
@@ -45,7 +46,7 @@ NLU_SCHEMA = pa.schema(
 UNSPACED_LANGUAGES = {"ja", "zh", "th", "jpn", "cmn", "tha", "wuu", "yue"}
 
 
-class DataFormatError(ValueError):
+class DataFormatError(AtmRayError):
     """A record in a user's file is malformed; the message names file, line and reason."""
 
     def __init__(self, location: str, line: int, reason: str):
@@ -268,7 +269,7 @@ def read_text_source(
 ) -> tuple[list[dict], ReadReport]:
     """Read one text corpus file into ``TEXT_SCHEMA`` records."""
     if source_format not in TEXT_READERS:
-        raise ValueError(f"{location}: unknown text format {source_format!r}; one of {sorted(TEXT_READERS)}")
+        raise DataFormatError(f"{location}: unknown text format {source_format!r}; one of {sorted(TEXT_READERS)}")
     lang = lang or _guess_lang(source_format, location)
     source = f"{source_format}:{PurePosixPath(location).name}"
     content = files.read_text(location)
@@ -522,7 +523,7 @@ def read_nlu(
 ) -> tuple[list[dict], ReadReport]:
     """Read labelled intent/slot data into ``NLU_SCHEMA`` records."""
     if source_format not in NLU_READERS:
-        raise ValueError(f"{location}: unknown NLU format {source_format!r}; one of {sorted(NLU_READERS)}")
+        raise DataFormatError(f"{location}: unknown NLU format {source_format!r}; one of {sorted(NLU_READERS)}")
     if not files.exists(location):
         raise FileNotFoundError(f"{location}: no such file or folder")
     if lang is None:
