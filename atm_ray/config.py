@@ -332,6 +332,10 @@ class Config(Strict):
         for key, model in named.items():
             if model not in self.models:
                 raise ValueError(f"{key} names {model!r}, not one of models: {sorted(self.models)}")
+        for name, shape in self.models.items():  # position tables must hold every row the stages feed them
+            for key, length in (("data.max_seq_len", self.data.max_seq_len), ("finetune.max_seq_len", self.finetune.max_seq_len)):
+                if length > shape.max_positions:
+                    raise ValueError(f"{key} {length} is longer than models.{name}.max_positions {shape.max_positions}")
         return self
 
     def resolved_run_dir(self) -> Path:

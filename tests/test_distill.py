@@ -214,8 +214,6 @@ def test_attention_matching_runs_and_logs_its_term():
     the attention-map loss is trained and logged beside the others."""
     import math
 
-    import numpy as np
-
     from atm_ray.config import ModelShape
     from atm_ray.distill import DistillTrainer
     from atm_ray.engine import init_single_process_group
@@ -239,7 +237,6 @@ def test_attention_matching_runs_and_logs_its_term():
     trainer.engine.destroy()
     assert set(terms) == {"mlm_loss", "soft_ce_loss", "hidden_loss", "attention_loss"}
     assert all(math.isfinite(value) and value > 0 for value in terms.values()), terms
-    assert np.isfinite(list(terms.values())).all()
 
 
 def test_changed_settings_do_not_resume_the_old_settings_checkpoint(teachers, tmp_path):
