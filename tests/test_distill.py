@@ -103,14 +103,16 @@ def test_teacher_with_another_vocabulary_is_refused(teachers, tmp_path):
 
 
 def test_distilled_student_has_lower_perplexity_than_mlm_only(teachers, tmp_path):
-    """Through the stages: same student, steps and data; soft targets from the (short-trained) teachers
-    lower held-out perplexity. Mask-filling accuracy needs a teacher past the unigram plateau: next test."""
+    """Through the stages: same student from random weights, steps and data; soft targets from the
+    (short-trained) teachers lower held-out perplexity. Mask-filling accuracy needs a teacher past the
+    unigram plateau: next test."""
     results = {}
     for name, soft_ce in (("distilled", 1.0), ("mlm_only", 0.0)):
         run_dir = _copy_run(teachers, tmp_path / name)
         config = load_config(
             "tiny",
-            [f"run_dir={run_dir}", *SHORT, "distill.intermediate.switch=null", f"distill.intermediate.weights.soft_ce={soft_ce}"],
+            [f"run_dir={run_dir}", *SHORT, "distill.intermediate.switch=null", "distill.intermediate.init=random",
+             "distill.intermediate.soft_targets=masked", f"distill.intermediate.weights.soft_ce={soft_ce}"],
         )
         distilled, _ = run_distill(config, "intermediate", use_ray=False)
         results[name] = _history(distilled.stage_dir)[-1]
