@@ -87,7 +87,8 @@ def test_killed_run_resumes_and_matches_uninterrupted(prepared_run):
     environment["ATM_RAY_FAIL_AT_STEP"] = "10"
     crashed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == FAULT_EXIT_CODE, crashed.stderr[-3000:]
-    checkpoints = sorted(path.name for path in (run_dir / "teacher_stage1" / "checkpoints").iterdir())
+    (keyed,) = (run_dir / "teacher_stage1" / "checkpoints").iterdir()  # one folder per config hash
+    checkpoints = sorted(path.name for path in keyed.iterdir())
     assert checkpoints == ["step-4", "step-8"]
     resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
