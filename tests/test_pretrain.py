@@ -133,19 +133,17 @@ def test_unigram_baseline_is_the_most_frequent_tokens_share_of_the_masks():
     assert 0.4 < metrics["unigram_mask_fill_accuracy"] < 0.7
 
 
-def test_short_stage1_leaves_the_unigram_plateau(tmp_path):
-    """The engine loop (real DeepSpeed, in this process) with the tiny teacher and its recipe (vocabulary
-    1,000, lower case, rows of 32, learning rate 2e-3) on the bundled assistant utterances: after 1,000 steps
-    held-out mask filling is at least twice what always guessing the most frequent training token scores
-    (300-step runs of the old recipe stayed at 1x; bench/mlm_plateau.py measured 2.85x at step 800, 4.2x at 1,200)."""
-    spoken = "[{format: text, path: 'bundled:spoken/slurp_lm.txt'}, {format: text, path: 'bundled:spoken/xsid_train_en.txt'}]"
+def test_short_teacher_run_leaves_the_unigram_plateau(tmp_path):
+    """The tiny recipe in this process (real DeepSpeed engine, the preset's data, tokenizer and teacher):
+    a token Stage 1, then 1,200 Stage-2 steps on the bundled assistant utterances. Held-out spoken mask
+    filling ends at least twice what always guessing the most frequent training token scores (the old
+    300-step recipe stayed at 1x; the tiny pipeline measured 2.35x at step 900 and 3.8x at 1,500)."""
     config = load_config("tiny", [
-        f"run_dir={tmp_path}", f"data.written.train={spoken}", "data.written.spoken_form=true",
-        "data.written.heldout=[{format: slurp, path: 'bundled:nlu/slurp/devel.jsonl'}]",
-        "pretrain.stage1.steps=1000", "pretrain.stage1.eval_every=1000", "pretrain.stage1.checkpoint_every=1000",
-        "pretrain.stage1.engine={zero_stage: 0, precision: fp32, micro_batch_size: 32, learning_rate: 2.0e-3, warmup_steps: 50}",
+        f"run_dir={tmp_path}",
+        "pretrain.stage1.steps=20", "pretrain.stage1.eval_every=20", "pretrain.stage1.checkpoint_every=20",
+        "pretrain.stage2.steps=1200", "pretrain.stage2.eval_every=1200", "pretrain.stage2.checkpoint_every=1200",
     ])
-    (last,) = _history(run_pretrain_stage(config, 1, use_ray=False))
-    for kind in ("written", "spoken"):  # both held-out sets are SLURP devel here: two mask draws
-        assert last[f"{kind}/unigram_mask_fill_accuracy"] > 0.02, last  # a real baseline: the most frequent token
-        assert last[f"{kind}/mask_fill_accuracy"] >= 2 * last[f"{kind}/unigram_mask_fill_accuracy"], last
+    run_pretrain_stage(config, 1, use_ray=False)
+    (last,) = _history(run_pretrain_stage(config, 2, use_ray=False))
+    assert last["spoken/unigram_mask_fill_accuracy"] > 0.02, last  # a real baseline: the most frequent token
+    assert last["spoken/mask_fill_accuracy"] >= 2 * last["spoken/unigram_mask_fill_accuracy"], last
