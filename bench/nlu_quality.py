@@ -70,11 +70,9 @@ def train_mlm_only(config, run_dir: Path, use_ray: bool) -> Path:
 
 
 def non_embedding_parameters(export_dir: Path) -> int:
-    import json as json_module
-
     from atm_ray.config import ModelShape
 
-    model = json_module.loads((export_dir / "config.json").read_text())
+    model = json.loads((export_dir / "config.json").read_text())
     shape = ModelShape(num_layers=model["num_hidden_layers"], hidden_size=model["hidden_size"],
                        num_heads=model["num_attention_heads"], intermediate_size=model["intermediate_size"],
                        max_positions=model["max_position_embeddings"] - 2, dropout=0.0)
