@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -124,11 +125,12 @@ def command_evaluate(args) -> None:
 
 
 def command_serve(args) -> None:
+    import signal
     import time
 
-    from ray import serve
+    import pydantic
 
-    from atm_ray.serving import build_app, parse_arm_arguments
+    from atm_ray.serve.app import build_app, parse_arm_arguments, set_ingress
     from atm_ray.stages import init_ray
 
     settings = {
@@ -139,20 +141,52 @@ def command_serve(args) -> None:
         "num_replicas": args.replicas,
         "num_cpus": args.cpus_per_replica,
         "torch_threads": args.torch_threads,
-        "quantize": args.quantize,
+        "quantize": None if args.quantize == "none" else args.quantize,
+        "top_k": args.top_k,
+        "fallback_intent": args.fallback_intent,
+        "fallback_threshold": args.fallback_threshold,
+        "state_dir": args.state_dir,
     }
-    application = build_app(settings)
-    init_ray(args.address, dashboard=False)  # Serve needs no state API; the dashboard's processes cost a 2-core machine
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application, name="atm-ray-nlu", route_prefix="/")
-    print(f"serving on http://{args.host}:{args.port}/v1/parse (arms: {', '.join(arm['name'] for arm in settings['arms'])}); Ctrl-C stops", flush=True)
-    if args.detach:
-        return
     try:
+        application = build_app(settings)
+    except pydantic.ValidationError as error:
+        raise AtmRayError(f"serve settings: {error}") from None
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        print(f"note: on a running cluster its own environment decides the ingress (see serve/README.md); --ingress {args.ingress} applies to a local Ray")
+    else:
+        set_ingress(args.ingress)
+    import ray
+    from ray import serve
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # not "Started Serve in namespace ..." and the like
+
+    def stop(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop ends as cleanly as Ctrl-C, even mid-start
+    try:
+        init_ray(args.address, dashboard=False)  # Serve needs no state API; the dashboard's processes cost a 2-core machine
+        # ray.init installs its core's fatal-signal handler, which turns SIGTERM into an abort: ours again
+        signal.signal(signal.SIGTERM, stop)
+        # no INFO line per request (or per cancelled request) from the proxy and replicas
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
+        serve.run(application, name="atm-ray-nlu", route_prefix="/")
+        print(f"serving on http://{args.host}:{args.port}/v1/parse (arms: {', '.join(arm['name'] for arm in settings['arms'])}; "
+              f"ingress: {args.ingress}; API docs at /docs); Ctrl-C stops", flush=True)
+        if args.detach:
+            return
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("stopping: Serve drains its requests and shuts down", flush=True)
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+        print("stopped", flush=True)
 
 
 def command_pipeline(args) -> None:
@@ -249,7 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     serve_parser.add_argument("--torch-threads", type=int, default=1)
     serve_parser.add_argument("--max-batch-size", type=int, default=16)
-    serve_parser.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantisation (CPU)")
+    serve_parser.add_argument("--quantize", choices=("int8", "none"), default="none", help="dynamic int8 quantisation (CPU) or fp32")
+    serve_parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                              help="HTTP ingress: Ray's HAProxy high-throughput mode (default) or Serve's Python proxy")
+    serve_parser.add_argument("--top-k", type=int, default=3, help="intents in each answer's ranking")
+    serve_parser.add_argument("--fallback-intent", default=None, help="answered when the best intent is below --fallback-threshold")
+    serve_parser.add_argument("--fallback-threshold", type=float, default=0.0)
+    serve_parser.add_argument("--state-dir", default=None, help="keep the A/B ledger here across restarts (default: memory only)")
     serve_parser.add_argument("--address", default=None, help="a running Ray cluster (default: start a local one)")
     serve_parser.add_argument("--detach", action="store_true", help="return once deployed (with --address)")
     serve_parser.set_defaults(handler=command_serve)

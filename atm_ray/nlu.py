@@ -170,12 +170,13 @@ def all_lowercase(records: list[dict]) -> bool:
 
 
 @torch.inference_mode()
-def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int = 64) -> list[dict]:
-    """Intent, its probability and a BIO tag per word for each word list (words past the model's
-    length get ``O``)."""
+def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int = 64, top_k: int = 1) -> list[dict]:
+    """Per word list: the intent and its probability, the ``top_k`` most probable intents, and a BIO tag
+    per word with its probability (words past the model's length get ``O`` with probability 1)."""
     config = model.config
     device = next(model.parameters()).device
     max_seq_len = config.max_position_embeddings - PAD_ID - 1
+    top_k = max(1, min(top_k, len(config.intent_labels) - 1))
     predictions = []
     model.eval()
     for start in range(0, len(word_lists), batch_size):
@@ -186,23 +187,33 @@ def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int
         intent_logits[:, 0] = -torch.inf  # never answer "unknown": it has no training examples
         slot_logits = output.slot_logits.float()
         slot_logits[:, :, 0] = -torch.inf
-        intent_probabilities = intent_logits.softmax(-1)
-        confidences, intents = intent_probabilities.max(-1)
-        slot_ids = slot_logits.argmax(-1).cpu().numpy()
+        top_probabilities, top_intents = intent_logits.softmax(-1).topk(top_k, dim=-1)
+        tag_probabilities, slot_ids = slot_logits.softmax(-1).max(-1)
+        top_probabilities, top_intents = top_probabilities.tolist(), top_intents.tolist()
+        slot_ids, tag_probabilities = slot_ids.cpu().numpy(), tag_probabilities.cpu().numpy()
         for row, positions in enumerate(first_positions):
-            tags = [config.slot_labels[slot_ids[row, position]] if position >= 0 else "O" for position in positions]
-            predictions.append(
-                {"intent": config.intent_labels[int(intents[row])], "confidence": float(confidences[row]), "slot_tags": tags}
-            )
+            ranking = [(config.intent_labels[index], probability) for index, probability in zip(top_intents[row], top_probabilities[row])]
+            predictions.append({
+                "intent": ranking[0][0],
+                "confidence": ranking[0][1],
+                "ranking": ranking,
+                "slot_tags": [config.slot_labels[slot_ids[row, position]] if position >= 0 else "O" for position in positions],
+                "tag_confidences": [float(tag_probabilities[row, position]) if position >= 0 else 1.0 for position in positions],
+            })
     return predictions
 
 
-def tags_to_slots(tags: list[str], spans: list[tuple[int, int]], text: str) -> list[dict]:
-    """BIO tags over words with character ``spans`` in ``text`` -> slots with their text and span."""
+def tags_to_slots(tags: list[str], spans: list[tuple[int, int]], text: str, confidences: list[float] | None = None) -> list[dict]:
+    """BIO tags over words with character ``spans`` in ``text`` -> slots with their text and span; with
+    per-word tag ``confidences``, each slot's confidence is the lowest of its words' (a slot is only as
+    sure as its least sure word)."""
     slots = []
     for name, first, last in sorted(slot_spans(tags), key=lambda span: span[1]):
         start, end = spans[first][0], spans[last][1]
-        slots.append({"name": name, "value": text[start:end], "start": start, "end": end})
+        slot = {"name": name, "value": text[start:end], "start": start, "end": end}
+        if confidences is not None:
+            slot["confidence"] = min(confidences[first : last + 1])
+        slots.append(slot)
     return slots
 
 
@@ -220,14 +231,20 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 class Parser:
     """Utterances in, intents and slots out: ``Parser(model_dir).parse(["set an alarm for 7 am"])``.
 
-    Each result is ``{"intent": {"name", "confidence"}, "slots": [{"name", "value", "start", "end"}]}``
-    with character spans (end exclusive) into the original string.
+    Each result is ``{"intent": {"name", "confidence"}, "intents": [the top_k {"name", "confidence"}],
+    "slots": [{"name", "value", "start", "end", "confidence"}], "fallback": bool}`` with character spans
+    (end exclusive) into the original string. With ``fallback_intent`` set, an utterance whose best intent
+    is less probable than ``fallback_threshold`` is answered with that intent (``fallback: true``; the
+    ranking still shows the model's guesses) — what an assistant does with "sorry, I did not get that".
     """
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 64, quantize: str | None = None):
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 64, quantize: str | None = None,
+                 top_k: int = 3, fallback_intent: str | None = None, fallback_threshold: float = 0.0):
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: no config.json (not a fine-tuned model folder)")
+        if not 0.0 <= fallback_threshold <= 1.0:
+            raise AtmRayError(f"fallback_threshold must lie in [0, 1], not {fallback_threshold}")
         self.model = RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
         if quantize == "int8":
             self.model = quantize_int8(self.model)
@@ -236,13 +253,15 @@ class Parser:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model_dir = model_dir
         self.batch_size = batch_size
+        self.top_k = top_k
+        self.fallback_intent, self.fallback_threshold = fallback_intent, fallback_threshold
 
     @property
     def intents(self) -> list[str]:
         return list(self.model.config.intent_labels[1:])
 
     def predict(self, word_lists: list[list[str]]) -> list[dict]:
-        return predict_words(self.model, self.tokenizer, word_lists, self.batch_size)
+        return predict_words(self.model, self.tokenizer, word_lists, self.batch_size, self.top_k)
 
     def parse(self, texts: list[str]) -> list[dict]:
         spans = [[match.span() for match in WORD.finditer(text)] for text in texts]
@@ -252,10 +271,13 @@ class Parser:
                 raise AtmRayError(f"utterance {index} is empty")
             if not is_encodable(text):
                 raise AtmRayError(f"utterance {index} is not valid Unicode text (a lone surrogate?): {text!r}")
-        return [
-            {
-                "intent": {"name": prediction["intent"], "confidence": prediction["confidence"]},
-                "slots": tags_to_slots(prediction["slot_tags"], text_spans, text),
-            }
-            for prediction, text_spans, text in zip(self.predict(words), spans, texts)
-        ]
+        results = []
+        for prediction, text_spans, text in zip(self.predict(words), spans, texts):
+            fallback = self.fallback_intent is not None and prediction["confidence"] < self.fallback_threshold
+            results.append({
+                "intent": {"name": self.fallback_intent if fallback else prediction["intent"], "confidence": prediction["confidence"]},
+                "intents": [{"name": name, "confidence": confidence} for name, confidence in prediction["ranking"]],
+                "slots": tags_to_slots(prediction["slot_tags"], text_spans, text, prediction["tag_confidences"]),
+                "fallback": fallback,
+            })
+        return results

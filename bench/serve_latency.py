@@ -1,11 +1,16 @@
-"""Serving latency and throughput on loopback, bounded, in one run:
+"""Serving against the machine's own ceiling, in one run (loopback, bounded):
 
-1. the in-process ``Parser`` at batch 1 (the floor);
-2. the Ray Serve app over HTTP: 1 client (p50, p99) and 16 clients (req/s, p99);
-3. a plain single-process FastAPI + uvicorn app serving the same model (what a user would otherwise write);
-4. the A/B layer's cost: the same Serve app with one arm against two arms (90:10), and the router + ledger
-   bookkeeping per request measured in process.
+1. in process, same backend and threads as a replica: the raw model forward at batch 1, ``Parser.parse``
+   at batch 1 (the floor) and at batch 16 (the batched ceiling, utterances/s), fp32 and int8;
+2. the Ray Serve app driven by ``wrk`` (a C load generator: a Python client would eat the cores it
+   measures): 1 connection (p50, p99) and 16 connections (req/s, p99), with Ray's HAProxy ingress
+   (high-throughput mode, the default) and with Serve's Python proxy;
+3. the A/B layer (one arm against two arms, 90:10) and the replica layout (2 replicas x 1 thread against
+   1 replica x 2 threads).
 
+It ends with the ratios the serving goals are stated in (issue 14) and whether each is met.
+
+    apt-get install wrk                                    # Debian; the benchmark needs it
     python bench/serve_latency.py                          # a 17M-parameter model (the paper's final shape)
     python bench/serve_latency.py --model runs/tiny/finetune_student/export
 
@@ -19,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,55 +64,76 @@ def build_model(directory: Path) -> Path:
     return export
 
 
-def percentiles(seconds: list[float]) -> dict:
-    ordered = sorted(seconds)
-    return {"p50_ms": 1000 * ordered[len(ordered) // 2], "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
-
-
-def in_process(model: Path, count: int, quantize: str | None = None) -> dict:
-    import torch
-
-    from atm_ray.nlu import Parser
-
-    torch.set_num_threads(1)
-    parser = Parser(model, quantize=quantize)
-    for text in TEXTS:
-        parser.parse([text])
+def timed(function, count: int) -> dict:
     times = []
     for index in range(count):
         started = time.perf_counter()
+        function(index)
+        times.append(time.perf_counter() - started)
+    ordered = sorted(times)
+    return {"p50_ms": 1000 * ordered[len(ordered) // 2], "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+
+
+def in_process(model: Path, count: int, quantize: str | None, threads: int = 1) -> dict:
+    """The raw forward and the Parser at batch 1, and the Parser's batched ceiling (batches of 16)."""
+    import torch
+
+    from atm_ray.nlu import Parser, encode_words
+
+    torch.set_num_threads(threads)
+    parser = Parser(model, quantize=quantize)
+    words = [text.split() for text in TEXTS]
+    config = parser.model.config
+    inputs = [encode_words(parser.tokenizer, [word_list], config.max_position_embeddings - 2, config.lowercase)[0] for word_list in words]
+    tensors = [{name: torch.from_numpy(array) for name, array in encoded.items()} for encoded in inputs]
+
+    def forward(index):
+        with torch.inference_mode():
+            parser.model(**tensors[index % len(tensors)])
+
+    def parse(index):
         parser.parse([TEXTS[index % len(TEXTS)]])
-        times.append(time.perf_counter() - started)
-    return percentiles(times)
 
-
-def http_load(url: str, sequential: int, concurrent: int, clients: int = 16) -> dict:
-    session = requests.Session()
-    for text in TEXTS:
-        session.post(url, json={"text": text}, timeout=30).raise_for_status()
-    times, inside = [], []
-    for index in range(sequential):
-        started = time.perf_counter()
-        response = session.post(url, json={"text": TEXTS[index % len(TEXTS)], "user_id": f"u{index}"}, timeout=30)
-        times.append(time.perf_counter() - started)
-        response.raise_for_status()
-        if "latency_ms" in response.json():
-            inside.append(response.json()["latency_ms"] / 1000)
-    one = percentiles(times)
-    if inside:
-        one["in_replica_p50_ms"] = percentiles(inside)["p50_ms"]
-    sessions = [requests.Session() for _ in range(clients)]
-
-    def call(index: int) -> float:
-        started = time.perf_counter()
-        sessions[index % clients].post(url, json={"text": TEXTS[index % len(TEXTS)], "user_id": f"c{index}"}, timeout=30).raise_for_status()
-        return time.perf_counter() - started
-
+    for index in range(20):
+        forward(index), parse(index)
+    batch = [TEXTS[index % len(TEXTS)] for index in range(16)]
+    rounds = max(count // 16, 10)
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        loaded = list(pool.map(call, range(concurrent)))
-    elapsed = time.perf_counter() - started
-    return {"one_client": one, "clients": clients, "requests_per_second": concurrent / elapsed, "loaded": percentiles(loaded)}
+    for _ in range(rounds):
+        parser.parse(batch)
+    ceiling = rounds * 16 / (time.perf_counter() - started)
+    return {"forward": timed(forward, count), "parse": timed(parse, count), "batched_utterances_per_s": ceiling}
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local texts = {%s}
+local index = 0
+request = function()
+  index = index + 1
+  return wrk.format(nil, nil, nil, '{"text": "' .. texts[index %% #texts + 1] .. '", "user_id": "u' .. index .. '"}')
+end
+"""
+
+
+def wrk(url: str, connections: int, seconds: int) -> dict:
+    """wrk's throughput and latency percentiles (its own threads: 1 per 8 connections)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(WRK_SCRIPT % ", ".join(f'"{text}"' for text in TEXTS))
+    threads = max(1, connections // 8)
+    output = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s", handle.name, url],
+                            capture_output=True, text=True, check=True).stdout
+    os.unlink(handle.name)
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+    def milliseconds(label: str) -> float:
+        value, unit = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", output, re.M).groups()
+        return float(value) * units[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {"requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
+            "p50_ms": milliseconds("50%"), "p99_ms": milliseconds("99%"), "non_2xx": int(errors.group(1)) if errors else 0}
 
 
 def free_port() -> int:
@@ -115,131 +142,112 @@ def free_port() -> int:
         return handle.getsockname()[1]
 
 
-PLAIN_APP = '''
-import sys, torch
-from fastapi import FastAPI, Request
-from atm_ray.nlu import Parser
-torch.set_num_threads(1)
-parser = Parser(sys.argv[1])
-app = FastAPI()
-
-@app.post("/v1/parse")
-async def parse(request: Request):
-    body = await request.json()
-    return parser.parse([body["text"]])[0]
-
-if __name__ == "__main__":
-    import uvicorn
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
-'''
-
-
-def plain_fastapi(model: Path, sequential: int, concurrent: int) -> dict:
-    port = free_port()
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as handle:
-        handle.write(PLAIN_APP)
-    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    server = subprocess.Popen([sys.executable, handle.name, str(model), str(port)], env=environment)
-    try:
-        url = f"http://127.0.0.1:{port}/v1/parse"
-        deadline = time.time() + 120
-        while True:
-            try:
-                requests.post(url, json={"text": "hi"}, timeout=5)
-                break
-            except requests.ConnectionError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
-        return http_load(url, sequential, concurrent)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        os.unlink(handle.name)
-
-
-def serve_app(model: Path, arms: int, sequential: int, concurrent: int, batch: int, quantize: str | None = None) -> dict:
+def serve_app(url: str, model: Path, seconds: int, arms: int = 1, replicas: int = 1, threads: int = 1, quantize: str | None = None) -> dict:
     from ray import serve
 
-    from atm_ray.serving import build_app
+    from atm_ray.serve.app import build_app
 
     arm_list = [{"name": "A", "model_dir": str(model), "weight": 90}]
     if arms == 2:
         arm_list.append({"name": "B", "model_dir": str(model), "weight": 10})
-    serve.run(build_app({"arms": arm_list, "max_batch_size": batch, "num_cpus": 1, "quantize": quantize}), name="bench", route_prefix="/")
+    serve.run(build_app({"arms": arm_list, "num_replicas": replicas, "torch_threads": threads, "num_cpus": threads * 0.5,
+                         "quantize": quantize}), name="bench", route_prefix="/")
     try:
-        result = http_load(f"{SERVE_URL}/v1/parse", sequential, concurrent)
-        batches = requests.get(f"{SERVE_URL}/v1/ab/report", timeout=30).json()["arms"]["A"]["batches"]
-        return {**result, "batches_arm_A": batches}
+        for text in TEXTS * 5:  # warm every replica
+            requests.post(f"{url}/v1/parse", json={"text": text}, timeout=30).raise_for_status()
+        one = wrk(f"{url}/v1/parse", 1, seconds)
+        loaded = wrk(f"{url}/v1/parse", 16, seconds)
+        batches = requests.get(f"{url}/v1/ab/report", timeout=30).json()["arms"]["A"]["batches"]
+        return {"one_connection": one, "sixteen_connections": loaded, "mean_batch_arm_A": batches["mean_size"]}
     finally:
         serve.delete("bench")
 
 
-def ab_bookkeeping(count: int = 100_000) -> float:
-    """Microseconds per request of routing by user id and recording the request for the report."""
-    from atm_ray.ab import Arm, ArmRouter, Ledger
+def start_serve(ingress: str) -> str:
+    import ray
+    from ray import serve
 
-    router = ArmRouter([Arm("A", "", 90), Arm("B", "", 10)], salt="bench")
-    ledger = Ledger(["A", "B"])
-    started = time.perf_counter()
-    pending = []
-    for index in range(count):
-        arm = router.assign(f"user-{index}")
-        pending.append({"kind": "request", "arm": arm, "request_id": str(index), "latency_ms": 1.0, "intent": "x"})
-        if len(pending) == 64:
-            ledger.record(pending)
-            pending = []
-    return (time.perf_counter() - started) / count * 1e6
+    from atm_ray.serve.app import set_ingress
+    from atm_ray.stages import init_ray
 
-
-SERVE_URL = ""
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+    for name in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+        os.environ.pop(name, None)
+    set_ingress(ingress)
+    init_ray(dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
+    return f"http://127.0.0.1:{port}"
 
 
 def main() -> None:
-    global SERVE_URL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--sequential", type=int, default=300)
-    parser.add_argument("--concurrent", type=int, default=800)
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--count", type=int, default=300, help="in-process calls per measurement")
+    parser.add_argument("--seconds", type=int, default=10, help="per wrk run")
+    parser.add_argument("--quantize", choices=("int8", "none"), default="int8", help="the backend measured through Serve")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk (Debian/Ubuntu)")
+    quantize = None if args.quantize == "none" else args.quantize
+    results: dict = {"model": str(args.model or "paper final shape, random weights"), "serve_backend": args.quantize}
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or build_model(Path(scratch))
+        for backend in ("fp32", "int8"):
+            results[f"in_process_{backend}"] = in_process(model, args.count, None if backend == "fp32" else "int8")
+            print(f"in process, {backend}, 1 thread:", results[f"in_process_{backend}"], flush=True)
+        results["in_process_2_threads"] = in_process(model, args.count, quantize, threads=2)
+        print(f"in process, {args.quantize}, 2 threads:", results["in_process_2_threads"], flush=True)
+        url = start_serve("haproxy")
+        for name, options in (("haproxy_1_arm", {}), ("haproxy_2_arms", {"arms": 2}),
+                              ("haproxy_2_replicas_x_1_thread", {"replicas": 2}), ("haproxy_1_replica_x_2_threads", {"threads": 2})):
+            results[name] = serve_app(url, model, args.seconds, quantize=quantize, **options)
+            print(f"{name}:", results[name], flush=True)
+        url = start_serve("proxy")
+        results["proxy_1_arm"] = serve_app(url, model, args.seconds, quantize=quantize)
+        print("proxy_1_arm:", results["proxy_1_arm"], flush=True)
+        import ray
         from ray import serve
 
-        from atm_ray.stages import init_ray
-
-        results = {"model": str(args.model or "paper final shape, random weights")}
-        for quantize in (None, "int8"):
-            results[f"in_process_{quantize or 'fp32'}"] = in_process(model, args.sequential, quantize)
-            print(f"in-process Parser ({quantize or 'fp32'}), batch 1:", results[f"in_process_{quantize or 'fp32'}"], flush=True)
-        results["plain_fastapi"] = plain_fastapi(model, args.sequential, args.concurrent)
-        print("plain FastAPI + uvicorn (fp32):", results["plain_fastapi"], flush=True)
-        init_ray()
-        port = free_port()
-        SERVE_URL = f"http://127.0.0.1:{port}"
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for name, arms, quantize in (("serve_1_arm", 1, None), ("serve_2_arm", 2, None), ("serve_2_arm_int8", 2, "int8")):
-            results[name] = serve_app(model, arms, args.sequential, args.concurrent, args.max_batch_size, quantize)
-            print(f"{name}:", results[name], flush=True)
         serve.shutdown()
-    results["ab_bookkeeping_us"] = ab_bookkeeping()
-    floor = results["in_process_fp32"]["p50_ms"]
-    serve_one, serve_two, plain = results["serve_1_arm"], results["serve_2_arm"], results["plain_fastapi"]
-    print("\nsummary (loopback; fp32 unless int8 is named):")
-    print(f"  in-process p50 {floor:.2f} ms (int8 {results['in_process_int8']['p50_ms']:.2f} ms); Serve 1 client p50 "
-          f"{serve_two['one_client']['p50_ms']:.2f} ms (+{serve_two['one_client']['p50_ms'] - floor:.2f} ms; in the replica "
-          f"{serve_two['one_client']['in_replica_p50_ms']:.2f} ms), p99 {serve_two['one_client']['p99_ms']:.2f} ms")
-    print(f"  16 clients: Serve {serve_two['requests_per_second']:.0f} req/s (p99 {serve_two['loaded']['p99_ms']:.1f} ms, "
-          f"mean batch {serve_two['batches_arm_A']['mean_size']:.1f}), int8 {results['serve_2_arm_int8']['requests_per_second']:.0f} req/s "
-          f"(p99 {results['serve_2_arm_int8']['loaded']['p99_ms']:.1f} ms); plain FastAPI {plain['requests_per_second']:.0f} req/s "
-          f"(p99 {plain['loaded']['p99_ms']:.1f} ms): Serve / plain {serve_two['requests_per_second'] / plain['requests_per_second']:.2f}x")
-    print(f"  1 client: Serve p50 / plain FastAPI p50 = {serve_two['one_client']['p50_ms'] / plain['one_client']['p50_ms']:.2f}x")
-    print(f"  A/B layer: 2 arms vs 1 arm p50 {serve_two['one_client']['p50_ms'] - serve_one['one_client']['p50_ms']:+.2f} ms; "
-          f"routing + recording {results['ab_bookkeeping_us']:.1f} us per request in process")
+        ray.shutdown()
+    summarize(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+
+
+def summarize(results: dict) -> None:
+    backend = "int8" if results["serve_backend"] == "int8" else "fp32"
+    floor = results[f"in_process_{backend}"]
+    one, two = results["haproxy_1_arm"], results["haproxy_2_arms"]
+    overhead = floor["parse"]["p50_ms"] / floor["forward"]["p50_ms"] - 1
+    goals = [
+        ("1-connection p50 <= in-process batch-1 p50 + 2 ms", f"{one['one_connection']['p50_ms']:.2f} vs {floor['parse']['p50_ms']:.2f} + 2 ms",
+         one["one_connection"]["p50_ms"] <= floor["parse"]["p50_ms"] + 2),
+        ("16-connection throughput >= 0.85 x in-process batched ceiling", f"{one['sixteen_connections']['requests_per_second']:.0f} / "
+         f"{floor['batched_utterances_per_s']:.0f} = {one['sixteen_connections']['requests_per_second'] / floor['batched_utterances_per_s']:.2f}",
+         one["sixteen_connections"]["requests_per_second"] >= 0.85 * floor["batched_utterances_per_s"]),
+        ("16-connection p99 <= 100 ms", f"{one['sixteen_connections']['p99_ms']:.1f} ms", one["sixteen_connections"]["p99_ms"] <= 100),
+        ("two A/B arms vs one <= 1 ms at p50", f"{two['one_connection']['p50_ms'] - one['one_connection']['p50_ms']:+.2f} ms",
+         two["one_connection"]["p50_ms"] - one["one_connection"]["p50_ms"] <= 1),
+        ("Parser.parse over the raw forward <= 15% at batch 1", f"{100 * overhead:+.1f}%", overhead <= 0.15),
+    ]
+    print(f"\nsummary ({results['model']}; Serve backend {backend}, 1 thread per replica unless said; loopback; wrk):")
+    print(f"  in process: forward p50 {floor['forward']['p50_ms']:.2f} ms, Parser p50 {floor['parse']['p50_ms']:.2f} ms, batched "
+          f"{floor['batched_utterances_per_s']:.0f} utt/s; fp32 Parser p50 {results['in_process_fp32']['parse']['p50_ms']:.2f} ms / "
+          f"{results['in_process_fp32']['batched_utterances_per_s']:.0f} utt/s, int8 {results['in_process_int8']['parse']['p50_ms']:.2f} ms / "
+          f"{results['in_process_int8']['batched_utterances_per_s']:.0f} utt/s")
+    for name in ("haproxy_1_arm", "haproxy_2_arms", "haproxy_2_replicas_x_1_thread", "haproxy_1_replica_x_2_threads", "proxy_1_arm"):
+        row = results[name]
+        print(f"  {name:32s} 1 conn p50 {row['one_connection']['p50_ms']:6.2f} ms p99 {row['one_connection']['p99_ms']:6.2f} ms | 16 conn "
+              f"{row['sixteen_connections']['requests_per_second']:6.0f} req/s p99 {row['sixteen_connections']['p99_ms']:6.1f} ms "
+              f"(mean batch {row['mean_batch_arm_A'] or 0:.1f}, non-2xx {row['sixteen_connections']['non_2xx']})")
+    print("goals:")
+    for goal, measured, met in goals:
+        print(f"  [{'met' if met else 'NOT met'}] {goal}: {measured}")
 
 
 if __name__ == "__main__":

@@ -46,14 +46,23 @@ def tiny_prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_ray(request):
     """A real local Ray cluster for the module, shut down afterwards (with its dashboard, as the CLI
-    starts it, unless the module sets ``RAY_DASHBOARD = False``: Serve needs no state API)."""
+    starts it, unless the module sets ``RAY_DASHBOARD = False``: Serve needs no state API). A module
+    that sets ``SERVE_INGRESS`` gets Ray started as ``atm-ray serve --ingress ...`` starts it."""
     import ray
 
     from atm_ray.stages import init_ray
 
+    saved = dict(os.environ)
+    ingress = getattr(request.module, "SERVE_INGRESS", None)
+    if ingress:
+        from atm_ray.serve.app import set_ingress
+
+        set_ingress(ingress)
     init_ray(dashboard=getattr(request.module, "RAY_DASHBOARD", True))
     yield ray
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

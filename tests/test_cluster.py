@@ -15,6 +15,9 @@ def test_cluster_yaml_passes_ray_validation():
     assert node_types[config["head_node_type"]]["resources"] == {"CPU": 0}  # nothing trains on the head
     assert any("p5" in node["node_config"]["InstanceType"] for node in node_types.values())  # GPU workers
     assert any("pip install -e" in command for command in config["setup_commands"])  # installs the package
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):  # Serve's high-throughput mode on every node
+        (start,) = [command for command in config[key] if "ray start" in command]
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start" in start
 
 
 def test_a_broken_cluster_yaml_is_refused():
@@ -60,7 +63,7 @@ def test_kuberay_rayservice_serve_config_passes_ray_validation(tmp_path):
 
     from ray.serve.schema import ServeDeploySchema
 
-    from atm_ray.serving import ServeSettings, build_app
+    from atm_ray.serve.app import ServeSettings, Traffic, build_app
 
     service = yaml.safe_load((KUBERAY / "rayservice.yaml").read_text())
     assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
@@ -75,4 +78,11 @@ def test_kuberay_rayservice_serve_config_passes_ray_validation(tmp_path):
         (tmp_path / arm["name"]).mkdir()
         (tmp_path / arm["name"] / "config.json").write_text("{}")
     settings = ServeSettings(**args)
-    assert [arm["name"] for arm in settings.arms] == ["A", "B"] and settings.quantize == "int8"
+    assert [arm.name for arm in settings.arms] == ["A", "B"] and settings.quantize == "int8"
+    (deployment,) = application.deployments
+    assert set(Traffic.model_validate(deployment.user_config).weights) == {"A", "B"}
+    # every node starts Ray in Serve's high-throughput mode (HAProxy ingress)
+    spec = service["spec"]["rayClusterConfig"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {item["name"]: item["value"] for item in container["env"]} == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}

@@ -88,13 +88,30 @@ def test_export_round_trips_and_the_parser_gives_character_spans(encoder_dir, tm
     trainer.export(tmp_path / "export", tokenizer)
     words = [record["tokens"] for record in data.test[:50]]
     parser = Parser(tmp_path / "export")
-    assert parser.predict(words) == predict_words(model, tokenizer, words)
+    assert parser.predict(words) == predict_words(model, tokenizer, words, top_k=parser.top_k)
 
     text = "  play some   music by the beatles  "
     (parsed,) = parser.parse([text])
     assert parsed["intent"]["name"] in intents and 0 < parsed["intent"]["confidence"] <= 1
     for slot in parsed["slots"]:
         assert text[slot["start"] : slot["end"]] == slot["value"] and slot["value"].strip() == slot["value"]
+    # the ranking: the answer first, most probable first, probabilities of one distribution
+    ranking = [item["confidence"] for item in parsed["intents"]]
+    assert parsed["intents"][0] == parsed["intent"] and len(ranking) == min(3, len(intents) - 1)
+    assert ranking == sorted(ranking, reverse=True) and sum(ranking) <= 1 + 1e-6
+    # a slot's confidence is its least sure word's tag probability
+    (prediction,) = parser.predict([text.split()])
+    spans = [(tag, probability) for tag, probability in zip(prediction["slot_tags"], prediction["tag_confidences"])]
+    assert all(0 < probability <= 1 for _, probability in spans)
+    if parsed["slots"]:
+        first = parsed["slots"][0]
+        word_index = len(text[: first["start"]].split())
+        words_in_slot = len(first["value"].split())
+        assert first["confidence"] == min(probability for _, probability in spans[word_index : word_index + words_in_slot])
+    # below the threshold the configured fallback intent answers; the ranking still shows the guesses
+    unsure = Parser(tmp_path / "export", fallback_intent="not_understood", fallback_threshold=1.0).parse([text])[0]
+    assert unsure["fallback"] and unsure["intent"]["name"] == "not_understood" and unsure["intents"] == parsed["intents"]
+    assert not parsed["fallback"]
     with pytest.raises(ValueError, match="utterance 1 is empty"):
         parser.parse(["hello", "   "])
 

@@ -10,19 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from atm_ray.ab import Arm, ArmRouter, Ledger, two_proportion_test, wilson_interval
-from atm_ray.serving import (
-    ClientError,
-    decode_json_body,
-    parse_arm_arguments,
-    validate_batch_request,
-    validate_feedback,
-    validate_parse_request,
-)
+from atm_ray.serve.ab import Arm, ArmRouter, Ledger, two_proportion_test, wilson_interval
+from atm_ray.serve.api import BatchRequest, ClientError, FeedbackRequest, ParseRequest, decode_json_body, validate
+from atm_ray.serve.app import parse_arm_arguments
 
 # ---------------------------------------------------------------------- plain functions
 
 RAY_DASHBOARD = False  # as `atm-ray serve` starts Ray
+SERVE_INGRESS = "haproxy"  # the default ingress of `atm-ray serve` (Ray's high-throughput mode)
 
 
 def test_split_is_weighted_sticky_and_salted():
@@ -96,13 +91,24 @@ def test_validation_rejects_every_malformed_request_as_a_client_error():
         with pytest.raises(ClientError) as caught:
             payload = decode_json_body(body, 64 * 1024)
             if path == "/v1/parse":
-                validate_parse_request(payload, 1000)
+                validate(ParseRequest, payload, max_text_chars=1000)
             elif path == "/v1/parse:batch":
-                validate_batch_request(payload, 1000, 64)
+                validate(BatchRequest, payload, max_text_chars=1000, max_batch_items=64)
             else:
-                validate_feedback(payload)
+                validate(FeedbackRequest, payload)
         assert 400 <= caught.value.status < 500
-    assert validate_parse_request({"text": "hi", "user_id": "u"}, 10) == {"text": "hi", "user_id": "u", "request_id": None}
+        json.dumps(caught.value.body()).encode("utf-8")  # the error itself always travels as UTF-8
+    assert validate(ParseRequest, {"text": "hi", "user_id": "u"}, max_text_chars=10) == ParseRequest(text="hi", user_id="u")
+    # the error names the nested field and says what is wrong with it
+    with pytest.raises(ClientError) as caught:
+        validate(BatchRequest, {"requests": [{"text": "ok"}, {"text": 5}]}, max_text_chars=10)
+    assert caught.value.body()["error"] | {"message": ""} == {"code": "wrong_type", "field": "requests.1.text", "message": ""}
+    with pytest.raises(ClientError) as caught:
+        validate(ParseRequest, {"text": "hi", "\ud800": 1})  # an unknown key the client made unencodable
+    assert caught.value.status == 422 and json.dumps(caught.value.body(), ensure_ascii=False).encode("utf-8")
+    with pytest.raises(ClientError, match="the limit is 3") as caught:
+        validate(ParseRequest, {"text": "four"}, max_text_chars=3)
+    assert caught.value.code == "text_too_long"
 
 
 def test_arm_arguments(tmp_path):
@@ -114,6 +120,23 @@ def test_arm_arguments(tmp_path):
         parse_arm_arguments(["A"], None)
 
 
+def test_ledger_state_round_trips(tmp_path):
+    """What the A/B ledger deployment writes to its state_dir brings back every count and verdict."""
+    ledger = Ledger(["A", "B"])
+    ledger.record([{"kind": "request", "arm": arm, "request_id": f"r{index}", "latency_ms": float(index), "intent": "play"}
+                   for index, arm in enumerate("AABAB")] + [{"kind": "error", "arm": "B"}, {"kind": "batch", "arm": "A", "size": 3},
+                                                           {"kind": "shadow", "intent_agrees": True, "frame_agrees": True}])
+    assert ledger.add_feedback("r0", satisfied=False) == "ok"
+    restored = Ledger.from_state(["A", "B"], json.loads(json.dumps(ledger.state())))
+    assert restored.report() == ledger.report()
+    assert restored.add_feedback("r0", satisfied=True) == "duplicate" and restored.add_feedback("r1", satisfied=True) == "ok"
+    # an arm dropped from the deployment keeps its counts in the state, and they return with it
+    narrowed = Ledger.from_state(["A"], ledger.state())
+    assert list(narrowed.report()["arms"]) == ["A"] and Ledger.from_state(["A", "B"], narrowed.state()).report() == ledger.report()
+    with pytest.raises(ValueError, match="version"):
+        Ledger.from_state(["A"], {"version": 99})
+
+
 # ---------------------------------------------------------------------- a real Serve application
 
 
@@ -123,13 +146,13 @@ def _free_port() -> int:
         return handle.getsockname()[1]
 
 
-def _deploy(models, **settings):
+def _deploy(models, weights=(90, 10), **settings):
     from ray import serve
 
-    from atm_ray.serving import build_app
+    from atm_ray.serve.app import build_app
 
     args = {
-        "arms": [{"name": "A", "model_dir": models["A"], "weight": 90}, {"name": "B", "model_dir": models["B"], "weight": 10}],
+        "arms": [{"name": "A", "model_dir": models["A"], "weight": weights[0]}, {"name": "B", "model_dir": models["B"], "weight": weights[1]}],
         "salt": "test",
         "num_cpus": 0.5,
         "max_batch_size": 8,
@@ -144,7 +167,7 @@ def endpoint(nlu_models, local_ray):
     from ray import serve
 
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
     _deploy(nlu_models)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -166,14 +189,21 @@ def test_parses_match_the_in_process_parser(endpoint, nlu_models):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["arm"] == "A" and body["request_id"] == f"id-{text[:5]}" and body["latency_ms"] > 0
-        assert body["intent"]["name"] == wanted["intent"]["name"]
+        assert body["intent"]["name"] == wanted["intent"]["name"] and body["fallback"] is False
         assert body["intent"]["confidence"] == pytest.approx(wanted["intent"]["confidence"], abs=1e-5)
-        assert body["slots"] == wanted["slots"]
+        # the ranking and the slots' confidences, as the in-process parser gives them (batches pad differently)
+        assert [intent["name"] for intent in body["intents"]] == [intent["name"] for intent in wanted["intents"]]
+        assert [intent["confidence"] for intent in body["intents"]] == pytest.approx([intent["confidence"] for intent in wanted["intents"]], abs=1e-5)
+        assert [{**slot, "confidence": 0} for slot in body["slots"]] == [{**slot, "confidence": 0} for slot in wanted["slots"]]
+        assert [slot["confidence"] for slot in body["slots"]] == pytest.approx([slot["confidence"] for slot in wanted["slots"]], abs=1e-5)
         assert body["model_version"].startswith("arm_A@")
     batch = _post(f"{endpoint}/v1/parse:batch", {"requests": [{"text": text} for text in texts]}, headers={"x-atm-arm": "A"}).json()["results"]
     assert len({result["request_id"] for result in batch}) == len(texts)
     # each answer lines up with its own input
-    assert [(result["intent"]["name"], result["slots"]) for result in batch] == [(wanted["intent"]["name"], wanted["slots"]) for wanted in expected]
+    def frame(result):
+        return result["intent"]["name"], [(slot["name"], slot["start"], slot["end"]) for slot in result["slots"]]
+
+    assert [frame(result) for result in batch] == [frame(wanted) for wanted in expected]
     models = requests.get(f"{endpoint}/v1/models", timeout=10).json()
     assert [arm["name"] for arm in models["arms"]] == ["A", "B"] and models["arms"][1]["share"] == 0.1
     assert requests.get(f"{endpoint}/healthz", timeout=10).json()["status"] == "ok"
@@ -282,7 +312,7 @@ def test_parser_names_the_utterance_it_cannot_encode(nlu_models):
     with pytest.raises(ValueError, match="utterance 1 is not valid Unicode"):
         Parser(nlu_models["A"]).parse(["play jazz", "play \ud800"])
     with pytest.raises(ClientError) as caught:
-        validate_parse_request({"text": "a \udfff b"}, 100)
+        validate(ParseRequest, {"text": "a \udfff b"}, max_text_chars=100)
     assert caught.value.status == 422 and caught.value.body()["error"]["field"] == "text"
 
 
@@ -345,13 +375,13 @@ def test_service_recovers_from_a_killed_replica(endpoint, nlu_models):
         _deploy(nlu_models)
 
 
-def _replica_names() -> list[str]:
-    """The live NluService replica actors (Serve names its replicas in the namespace "serve")."""
+def _replica_names(app: str = "nlu") -> list[str]:
+    """The live NluService replica actors of ``app`` (Serve names its replicas in the namespace "serve")."""
     import ray
 
     names = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == "serve" and "NluService" in entry["name"] and "REPLICA" in entry["name"].upper():
+        if entry["namespace"] == "serve" and f"::{app}#NluService" in entry["name"] and "REPLICA" in entry["name"].upper():
             try:
                 ray.get_actor(entry["name"], namespace="serve")
             except ValueError:
@@ -369,7 +399,7 @@ def test_serve_config_is_valid_for_serve_deploy():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from atm_ray.serving import ServeSettings, build_app
+    from atm_ray.serve.app import ServeSettings, Traffic, build_app
 
     root = Path(__file__).resolve().parents[1]
     schema = ServeDeploySchema.model_validate(yaml.safe_load((root / "serve" / "config.yaml").read_text()))
@@ -381,5 +411,162 @@ def test_serve_config_is_valid_for_serve_deploy():
         assert getattr(importlib.import_module(module_name), attribute) is build_app
     finally:
         sys.path.remove(str(root))
-    fields = set(ServeSettings.__dataclass_fields__)
+    fields = set(ServeSettings.model_fields)
     assert set(application.args) <= fields, set(application.args) - fields
+    (deployment,) = application.deployments  # the traffic split is the ingress deployment's user_config
+    assert deployment.name == "NluService"
+    assert set(Traffic.model_validate(deployment.user_config).weights) == {arm["name"] for arm in application.args["arms"]}
+    assert schema.logging_config.log_level == "WARNING" and not schema.logging_config.enable_access_log
+
+
+@pytest.mark.slow
+def test_the_api_is_documented(endpoint):
+    """OpenAPI at /openapi.json with the request and response models; Swagger UI at /docs."""
+    document = requests.get(f"{endpoint}/openapi.json", timeout=10).json()
+    schemas = document["components"]["schemas"]
+    for path, request_model, response_model in [("/v1/parse", "ParseRequest", "ParseResponse"),
+                                                ("/v1/parse:batch", "BatchRequest", "BatchResponse"),
+                                                ("/v1/feedback", "FeedbackRequest", "FeedbackResponse")]:
+        operation = document["paths"][path]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"] == f"#/components/schemas/{request_model}"
+        assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"] == f"#/components/schemas/{response_model}"
+        assert operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorResponse"
+        assert request_model in schemas and response_model in schemas
+    assert set(schemas["ParseRequest"]["properties"]) == {"text", "user_id", "request_id"}
+    assert {"intent", "intents", "slots", "fallback"} <= set(schemas["ParseResponse"]["required"])
+    docs = requests.get(f"{endpoint}/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def _declare(models, tmp_path, weights, **settings) -> str:
+    """Apply a Serve config with `serve run CONFIG --non-blocking`, as a user updates a running cluster
+    (a config deploy is what lets Serve apply a changed user_config in place); returns the app's URL path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray
+    import yaml
+    from ray import serve
+
+    config = {"applications": [{
+        "name": "declared", "route_prefix": "/declared", "import_path": "atm_ray.serve.app:build_app",
+        "args": {"arms": [{"name": "A", "model_dir": models["A"]}, {"name": "B", "model_dir": models["B"]}],
+                 "salt": "test", "max_batch_size": 8, **settings},
+        "deployments": [{"name": "NluService", "user_config": {"weights": {"A": weights[0], "B": weights[1]}}}],
+    }]}
+    path = tmp_path / f"serve-{weights[0]}-{weights[1]}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [str(Path(sys.executable).parent / "serve"), "run", str(path), "--non-blocking", "--address", ray.get_runtime_context().gcs_address]
+    subprocess.run(command, check=True, timeout=300, capture_output=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        application = serve.status().applications.get("declared")
+        if application is not None and application.status == "RUNNING":
+            deployment = application.deployments["NluService"]
+            if deployment.status == "HEALTHY" and sum(deployment.replica_states.values()) == settings.get("num_replicas", 1):
+                return "/declared"
+        time.sleep(0.5)
+    raise AssertionError(f"the declared app did not become healthy: {serve.status().applications.get('declared')}")
+
+
+@pytest.mark.slow
+def test_ab_state_survives_replicas_restarts_redeploys_and_new_splits(endpoint, nlu_models, tmp_path):
+    """Two replicas: feedback is accepted whichever replica parsed the request; a new split arrives through
+    the Serve config's user_config without restarting replicas or losing counts; a killed ledger and a
+    deleted-and-redeployed app come back with every count and verdict from state_dir."""
+    import ray
+    from ray import serve
+
+    state = tmp_path / "ab-state"
+    settings = {"num_replicas": 2, "num_cpus": 0.25, "state_dir": str(state), "persist_s": 0.2}
+    url = endpoint + _declare(nlu_models, tmp_path, (90, 10), **settings)
+    try:
+        replicas = _replica_names("declared")
+        assert len(replicas) == 2
+        ids = [_post(f"{url}/v1/parse", {"text": f"wake me up at {index} am"}, headers={"x-atm-arm": "A"}).json()["request_id"]
+               for index in range(1, 21)]
+        verdicts = [_post(f"{url}/v1/feedback", {"request_id": request_id, "satisfied": index % 4 != 0})
+                    for index, request_id in enumerate(ids)]
+        assert [response.status_code for response in verdicts] == [200] * 20, [response.text for response in verdicts if response.status_code != 200]
+
+        def counts():
+            arm = requests.get(f"{url}/v1/ab/report", timeout=10).json()["arms"]["A"]
+            return arm["requests"], arm["feedback"]["satisfied"], arm["feedback"]["dissatisfied"]
+
+        assert counts() == (20, 15, 5)
+
+        _declare(nlu_models, tmp_path, (50, 50), **settings)  # only user_config changes
+        assert _replica_names("declared") == replicas  # applied in place: no replica restarted
+        for _ in range(10):  # every replica answers with the new split
+            shares = {arm["name"]: arm["share"] for arm in requests.get(f"{url}/v1/models", timeout=10).json()["arms"]}
+            assert shares == {"A": 0.5, "B": 0.5}
+        assert counts() == (20, 15, 5)
+        users = [f"user-{index}" for index in range(300)]
+        arms = Counter(_post(f"{url}/v1/parse", {"text": "play music", "user_id": user}).json()["arm"] for user in users)
+        assert abs(arms["B"] / len(users) - 0.5) < 0.1, arms
+        expected = (20 + arms["A"], 15, 5)
+        assert counts() == expected
+
+        time.sleep(1.0)  # past persist_s: the ledger has written its state
+        (ledger,) = [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+                     if entry["namespace"] == "serve" and "declared#AbLedger" in entry["name"]]
+        ray.kill(ray.get_actor(ledger, namespace="serve"), no_restart=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:  # Serve starts a new ledger replica, which reads state_dir
+            try:
+                if counts() == expected:
+                    break
+            except (requests.RequestException, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        assert counts() == expected
+
+        time.sleep(1.0)
+        serve.delete("declared")
+        _declare(nlu_models, tmp_path, (50, 50), **settings)
+        assert counts() == expected
+        assert _post(f"{url}/v1/feedback", {"request_id": ids[0], "satisfied": True}).status_code == 409  # verdicts kept
+        assert json.loads((state / "ab_ledger.json").read_text())["version"] == 1
+    finally:
+        serve.delete("declared")
+
+
+@pytest.mark.slow
+def test_cli_serve_stops_cleanly_on_sigterm(nlu_models, tmp_path):
+    """`atm-ray serve` (its own local Ray, HAProxy ingress by default) answers, logs no line per request,
+    and exits 0 on SIGTERM, after which its A/B state is on disk."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("RAY_SERVE_")}
+    environment.pop("RAY_ADDRESS", None)
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "atm_ray.cli", "serve", "--model", f"A={nlu_models['A']}", "--port", str(port),
+             "--state-dir", str(tmp_path / "state")],
+            stdout=handle, stderr=subprocess.STDOUT, env=environment,
+        )
+    try:
+        deadline, ready = time.time() + 300, False
+        while not ready and time.time() < deadline and process.poll() is None:
+            time.sleep(1)
+            ready = "serving on http" in log.read_text()
+        assert ready, log.read_text()[-3000:]
+        codes = [_post(f"http://127.0.0.1:{port}/v1/parse", {"text": f"play track {index}"}).status_code for index in range(30)]
+        assert codes == [200] * 30, log.read_text()[-3000:]
+        time.sleep(3)  # the ledger's records arrive and are written (persist_s)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert "ingress: haproxy" in output and "stopped" in output.splitlines(), output[-3000:]
+    assert "Aborted" not in output and "Traceback" not in output, output[-3000:]
+    assert sum("/v1/parse" in line for line in output.splitlines()) <= 1, output[-3000:]  # only the "serving on" line
+    assert json.loads((tmp_path / "state" / "ab_ledger.json").read_text())["requests"] == {"A": 30}

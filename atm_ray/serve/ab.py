@@ -1,6 +1,6 @@
 """A/B comparison of model versions: arm assignment, and the ledger behind ``GET /v1/ab/report``.
 
-Plain Python (no Serve): the Serve app in ``atm_ray.serving`` calls these. The paper's online measure was
+Plain Python (no Serve): the Serve app in ``atm_ray.serve.app`` calls these. The paper's online measure was
 user dissatisfaction; the report gives each arm's dissatisfaction rate with a 95% Wilson interval and a
 two-proportion z-test between arms, next to request counts, latency percentiles and shadow agreement.
 """
@@ -153,6 +153,43 @@ class Ledger:
             self.feedback_given.popitem(last=False)
         self.feedback[arm]["satisfied" if satisfied else "dissatisfied"] += 1
         return "ok"
+
+    # ------------------------------------------------------------------ persistence
+
+    def state(self) -> dict:
+        """Everything the ledger knows, as JSON-ready copies (safe to write from another thread)."""
+        return {
+            "version": 1,
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+            "latencies": {arm: list(values) for arm, values in self.latencies.items()},
+            "intents": {arm: dict(counts) for arm, counts in self.intents.items()},
+            "batch_sizes": {arm: list(values) for arm, values in self.batch_sizes.items()},
+            "shadow": dict(self.shadow),
+            "request_arms": list(self.request_arms.items()),
+            "feedback": {arm: dict(votes) for arm, votes in self.feedback.items()},
+            "feedback_given": list(self.feedback_given),
+        }
+
+    @classmethod
+    def from_state(cls, arm_names: list[str], state: dict, window: int = 10_000, memory: int = 200_000) -> "Ledger":
+        """A ledger that goes on from ``state``; arms no longer deployed keep their counts in the state
+        (and come back into the report if they are deployed again)."""
+        if state.get("version") != 1:
+            raise AtmRayError(f"A/B state version {state.get('version')!r} is not 1")
+        ledger = cls(arm_names, window, memory)
+        ledger.requests.update(state["requests"])
+        ledger.errors.update(state["errors"])
+        ledger.latencies.update({arm: list(values) for arm, values in state["latencies"].items()})
+        for arm, counts in state["intents"].items():
+            ledger.intents[arm].update(counts)
+        ledger.batch_sizes.update({arm: list(values) for arm, values in state["batch_sizes"].items()})
+        ledger.shadow.update(state["shadow"])
+        ledger.request_arms.update((request_id, arm) for request_id, arm in state["request_arms"])
+        for arm, votes in state["feedback"].items():
+            ledger.feedback[arm].update(votes)
+        ledger.feedback_given.update((request_id, None) for request_id in state["feedback_given"])
+        return ledger
 
     def report(self) -> dict:
         arms = {}
