@@ -64,12 +64,7 @@ def build_model(directory: Path) -> Path:
     return export
 
 
-def timed(function, count: int) -> dict:
-    times = []
-    for index in range(count):
-        started = time.perf_counter()
-        function(index)
-        times.append(time.perf_counter() - started)
+def percentiles(times: list[float]) -> dict:
     ordered = sorted(times)
     return {"p50_ms": 1000 * ordered[len(ordered) // 2], "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
@@ -96,13 +91,20 @@ def in_process(model: Path, count: int, quantize: str | None, threads: int = 1) 
 
     for index in range(20):
         forward(index), parse(index)
+    # interleaved, so that a shared machine's slow spells fall on both alike
+    forward_times, parse_times = [], []
+    for index in range(count):
+        for function, times in ((forward, forward_times), (parse, parse_times)):
+            started = time.perf_counter()
+            function(index)
+            times.append(time.perf_counter() - started)
     batch = [TEXTS[index % len(TEXTS)] for index in range(16)]
     rounds = max(count // 16, 10)
     started = time.perf_counter()
     for _ in range(rounds):
         parser.parse(batch)
     ceiling = rounds * 16 / (time.perf_counter() - started)
-    return {"forward": timed(forward, count), "parse": timed(parse, count), "batched_utterances_per_s": ceiling}
+    return {"forward": percentiles(forward_times), "parse": percentiles(parse_times), "batched_utterances_per_s": ceiling}
 
 
 WRK_SCRIPT = """
@@ -189,6 +191,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="per wrk run")
     parser.add_argument("--quantize", choices=("int8", "none"), default="int8", help="the backend measured through Serve")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--in-process-only", action="store_true", help="only the in-process measurements (no Ray)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk (Debian/Ubuntu)")
@@ -201,6 +204,8 @@ def main() -> None:
             print(f"in process, {backend}, 1 thread:", results[f"in_process_{backend}"], flush=True)
         results["in_process_2_threads"] = in_process(model, args.count, quantize, threads=2)
         print(f"in process, {args.quantize}, 2 threads:", results["in_process_2_threads"], flush=True)
+        if args.in_process_only:
+            return
         url = start_serve("haproxy")
         for name, options in (("haproxy_1_arm", {}), ("haproxy_2_arms", {"arms": 2}),
                               ("haproxy_2_replicas_x_1_thread", {"replicas": 2}), ("haproxy_1_replica_x_2_threads", {"threads": 2})):

@@ -157,6 +157,9 @@ def _deploy(models, weights=(90, 10), **settings):
         "num_cpus": 0.5,
         "max_batch_size": 8,
         "batch_wait_timeout_s": 0.005,
+        # fp32, so answers compare exactly with the in-process parser whatever the batch (int8, the default,
+        # scales activations per batch; `atm-ray serve` runs it in test_cli_serve_stops_cleanly_on_sigterm)
+        "quantize": None,
         **settings,
     }
     serve.run(build_app(args), name="nlu", route_prefix="/")
