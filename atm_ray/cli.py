@@ -45,7 +45,7 @@ def _config(args):
 
 
 def command_config_show(args) -> None:
-    from atm_ray.modeling import count_parameters
+    from atm_ray.train.modeling import count_parameters
 
     config = _config(args)
     vocab_size = config.tokenizer.vocab_size
@@ -63,26 +63,26 @@ def command_config_show(args) -> None:
 
 
 def command_prepare(args) -> None:
-    from atm_ray.prepare import format_summary, prepare
+    from atm_ray.data.prepare import format_summary, prepare
 
     print(format_summary(prepare(_config(args), force=args.force)))
 
 
 def command_pretrain(args) -> None:
-    from atm_ray.pretrain import run_pretrain_stage
+    from atm_ray.train.pretrain import run_pretrain_stage
 
     print(run_pretrain_stage(_config(args), stage=args.stage, use_ray=not args.no_ray).summary())
 
 
 def command_distill(args) -> None:
-    from atm_ray.distill import run_distill
+    from atm_ray.train.distill import run_distill
 
     for result in run_distill(_config(args), args.student, use_ray=not args.no_ray):
         print(result.summary())
 
 
 def _finetune_config(args):
-    from atm_ray.finetune import with_data_arguments
+    from atm_ray.nlu.finetune import with_data_arguments
 
     config = _config(args)
     config.finetune = with_data_arguments(config.finetune, args.data, args.dev, args.test, config.data.root)
@@ -92,7 +92,7 @@ def _finetune_config(args):
 
 
 def command_finetune(args) -> None:
-    from atm_ray.finetune import finetune_summary, run_finetune
+    from atm_ray.nlu.finetune import finetune_summary, run_finetune
 
     config = _finetune_config(args)
     name = args.name or ("finetune_scratch" if args.scratch else "finetune_student") + ("_frozen" if args.freeze_encoder else "")
@@ -100,8 +100,8 @@ def command_finetune(args) -> None:
 
 
 def command_evaluate(args) -> None:
-    from atm_ray.evaluate import compare_models, comparison_report, write_comparison
-    from atm_ray.finetune import load_nlu_data, read_sources
+    from atm_ray.nlu.evaluate import compare_models, comparison_report, write_comparison
+    from atm_ray.nlu.finetune import load_nlu_data, read_sources
 
     config = _finetune_config(args)
     models = {}
@@ -131,7 +131,7 @@ def command_serve(args) -> None:
     import pydantic
 
     from atm_ray.serve.app import build_app, parse_arm_arguments, set_ingress
-    from atm_ray.stages import init_ray
+    from atm_ray.train.stages import init_ray
 
     settings = {
         "arms": parse_arm_arguments(args.model, args.split),

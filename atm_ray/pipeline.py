@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 from atm_ray.config import Config
-from atm_ray.distill import run_distill
-from atm_ray.engine import EXPORT_DIR
-from atm_ray.evaluate import compare_models, comparison_report, write_comparison
-from atm_ray.finetune import finetune_summary, load_nlu_data, plan_finetune, run_finetune_stage
-from atm_ray.prepare import format_summary, prepare
-from atm_ray.pretrain import run_pretrain_stage
+from atm_ray.train.distill import run_distill
+from atm_ray.train.engine import EXPORT_DIR
+from atm_ray.nlu.evaluate import compare_models, comparison_report, write_comparison
+from atm_ray.nlu.finetune import finetune_summary, load_nlu_data, plan_finetune, run_finetune_stage
+from atm_ray.data.prepare import format_summary, prepare
+from atm_ray.train.pretrain import run_pretrain_stage
 from atm_ray.report import write_report
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from atm_ray.config import ModelShape
-from atm_ray.engine import EXPORT_DIR
-from atm_ray.modeling import PAD_ID, count_parameters
+from atm_ray.train.engine import EXPORT_DIR
+from atm_ray.train.modeling import PAD_ID, count_parameters
 from atm_ray.utils import atomic_write_text, read_json
 
 MLM_STAGES = {

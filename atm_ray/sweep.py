@@ -133,9 +133,9 @@ def run_trial(trial_params: dict, context: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from atm_ray.distill import plan_distill_stages
-    from atm_ray.prepare import PreparedData
-    from atm_ray.stages import run_stage
+    from atm_ray.train.distill import plan_distill_stages
+    from atm_ray.data.prepare import PreparedData
+    from atm_ray.train.stages import run_stage
 
     params = trial_params["params"]
     student = context["student"]
@@ -157,7 +157,7 @@ def run_trial(trial_params: dict, context: dict) -> None:
 
 def downstream_scores(config: Config, export_dir: Path, trial_dir: Path) -> dict[str, float]:
     """A short fine-tune of the trial's student on ``finetune``'s data, in this process; dev scores."""
-    from atm_ray.finetune import NluData, load_nlu_data, plan_finetune, run_finetune_stage
+    from atm_ray.nlu.finetune import NluData, load_nlu_data, plan_finetune, run_finetune_stage
 
     downstream = config.sweep.downstream
     config = config.model_copy(deep=True)
@@ -195,9 +195,9 @@ class SweepResult:
 
 def ensure_upstream(config: Config, student: str, run_dir: Path) -> str:
     """Run (or skip, when finished) the stages a sweep's trials need; returns their combined hash."""
-    from atm_ray.distill import run_distill
-    from atm_ray.prepare import prepare
-    from atm_ray.pretrain import run_pretrain_stage
+    from atm_ray.train.distill import run_distill
+    from atm_ray.data.prepare import prepare
+    from atm_ray.train.pretrain import run_pretrain_stage
 
     prepare(config, run_dir)
     for stage in (1, 2):
@@ -215,7 +215,7 @@ def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = No
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from atm_ray.stages import init_ray
+    from atm_ray.train.stages import init_ray
 
     sweep = config.sweep
     check_sweep(config)

@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atm_ray.config import load_config  # noqa: E402
-from atm_ray.distill import DistillTrainer, StudentWithProjection  # noqa: E402
-from atm_ray.engine import init_single_process_group, parameter_groups, warmup_linear_decay  # noqa: E402
-from atm_ray.losses import hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map  # noqa: E402
-from atm_ray.mlm import MaskingCollator  # noqa: E402
-from atm_ray.modeling import build_masked_lm  # noqa: E402
+from atm_ray.train.distill import DistillTrainer, StudentWithProjection  # noqa: E402
+from atm_ray.train.engine import init_single_process_group, parameter_groups, warmup_linear_decay  # noqa: E402
+from atm_ray.train.losses import hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map  # noqa: E402
+from atm_ray.data.masking import MaskingCollator  # noqa: E402
+from atm_ray.train.modeling import build_masked_lm  # noqa: E402
 from train_throughput import _device, _free, batches, make_rows, timed_rate  # noqa: E402
 
 

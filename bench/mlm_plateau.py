@@ -28,9 +28,9 @@ import torch  # noqa: E402
 from transformers import get_linear_schedule_with_warmup  # noqa: E402
 
 from atm_ray.config import ModelShape  # noqa: E402
-from atm_ray.engine import RowSource, endless, masked_lm_metrics, parameter_groups, read_rows  # noqa: E402
-from atm_ray.mlm import MaskingCollator, most_frequent_token  # noqa: E402
-from atm_ray.modeling import build_masked_lm  # noqa: E402
+from atm_ray.train.engine import RowSource, endless, masked_lm_metrics, parameter_groups, read_rows  # noqa: E402
+from atm_ray.data.masking import MaskingCollator, most_frequent_token  # noqa: E402
+from atm_ray.train.modeling import build_masked_lm  # noqa: E402
 
 DEFAULTS = {"layers": 4, "hidden": 128, "heads": 4, "lr": 2e-3, "warmup": 50, "batch": 32, "dropout": 0.0,
             "weight_decay": 0.01, "train": None}

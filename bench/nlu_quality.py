@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atm_ray.config import NluSource, load_config  # noqa: E402
 from atm_ray.data import files  # noqa: E402
-from atm_ray.engine import EXPORT_DIR  # noqa: E402
-from atm_ray.evaluate import score_model  # noqa: E402
-from atm_ray.finetune import load_nlu_data, plan_finetune, run_finetune_stage, split_sources  # noqa: E402
-from atm_ray.modeling import count_parameters  # noqa: E402
+from atm_ray.train.engine import EXPORT_DIR  # noqa: E402
+from atm_ray.nlu.evaluate import score_model  # noqa: E402
+from atm_ray.nlu.finetune import load_nlu_data, plan_finetune, run_finetune_stage, split_sources  # noqa: E402
+from atm_ray.train.modeling import count_parameters  # noqa: E402
 
 DATASETS = {
     "snips": ("jointbert", "nlu/snips", "bundled:nlu/snips"),
@@ -57,8 +57,8 @@ DistilBERT 98.00 / 96.10 / 91.00."""
 
 def train_mlm_only(config, run_dir: Path, use_ray: bool) -> Path:
     """The final student's shape trained with MLM alone on the final distillation's text and steps."""
-    from atm_ray.prepare import prepare
-    from atm_ray.stages import make_plan, run_stage, run_stage_local
+    from atm_ray.data.prepare import prepare
+    from atm_ray.train.stages import make_plan, run_stage, run_stage_local
 
     prepared = prepare(config, run_dir)
     settings = config.distill.final

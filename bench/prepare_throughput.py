@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atm_ray.config import load_config  # noqa: E402
-from atm_ray.prepare import read_corpus, tokenize_and_pack  # noqa: E402
-from atm_ray.tokenizer import train_tokenizer  # noqa: E402
+from atm_ray.data.prepare import read_corpus, tokenize_and_pack  # noqa: E402
+from atm_ray.data.tokenizer import train_tokenizer  # noqa: E402
 
 
 def main() -> None:

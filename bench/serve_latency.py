@@ -46,9 +46,9 @@ def build_model(directory: Path) -> Path:
     from atm_ray.config import load_config
     from atm_ray.data.files import resolve
     from atm_ray.data.readers import read_nlu
-    from atm_ray.modeling import build_masked_lm
-    from atm_ray.nlu import build_joint_model, label_maps
-    from atm_ray.tokenizer import train_tokenizer
+    from atm_ray.train.modeling import build_masked_lm
+    from atm_ray.nlu.model import build_joint_model, label_maps
+    from atm_ray.data.tokenizer import train_tokenizer
 
     records, _ = read_nlu("jointbert", resolve("bundled:nlu/snips/train"))
     tokenizer = train_tokenizer([" ".join(record["tokens"]) for record in records], vocab_size=4000)
@@ -73,7 +73,7 @@ def in_process(model: Path, count: int, quantize: str | None, threads: int = 1) 
     """The raw forward and the Parser at batch 1, and the Parser's batched ceiling (batches of 16)."""
     import torch
 
-    from atm_ray.nlu import Parser, encode_words
+    from atm_ray.nlu.model import Parser, encode_words
 
     torch.set_num_threads(threads)
     parser = Parser(model, quantize=quantize)
@@ -170,7 +170,7 @@ def start_serve(ingress: str) -> str:
     from ray import serve
 
     from atm_ray.serve.app import set_ingress
-    from atm_ray.stages import init_ray
+    from atm_ray.train.stages import init_ray
 
     if ray.is_initialized():
         serve.shutdown()

@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atm_ray.config import EngineConfig, load_config  # noqa: E402
-from atm_ray.engine import MlmTrainer, init_single_process_group, parameter_groups, warmup_linear_decay  # noqa: E402
-from atm_ray.mlm import MaskingCollator  # noqa: E402
-from atm_ray.modeling import BOS_ID, SPECIAL_TOKENS, build_masked_lm, count_parameters  # noqa: E402
+from atm_ray.train.engine import MlmTrainer, init_single_process_group, parameter_groups, warmup_linear_decay  # noqa: E402
+from atm_ray.data.masking import MaskingCollator  # noqa: E402
+from atm_ray.train.modeling import BOS_ID, SPECIAL_TOKENS, build_masked_lm, count_parameters  # noqa: E402
 
 
 def make_rows(count: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -134,7 +134,7 @@ def ray_train_loop(args, shape, vocab: int, precision: str, optimizer_name: str,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from atm_ray.stages import init_ray
+    from atm_ray.train.stages import init_ray
 
     init_ray()
     threads = torch.get_num_threads()

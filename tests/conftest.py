@@ -36,7 +36,7 @@ def shared_data() -> Path:
 def tiny_prepared(tmp_path_factory):
     """The tiny preset's prepare stage, run once for the session."""
     from atm_ray.config import load_config
-    from atm_ray.prepare import prepare
+    from atm_ray.data.prepare import prepare
 
     run_dir = tmp_path_factory.mktemp("tiny-run")
     config = load_config("tiny", [f"run_dir={run_dir}"])
@@ -50,7 +50,7 @@ def local_ray(request):
     that sets ``SERVE_INGRESS`` gets Ray started as ``atm-ray serve --ingress ...`` starts it."""
     import ray
 
-    from atm_ray.stages import init_ray
+    from atm_ray.train.stages import init_ray
 
     saved = dict(os.environ)
     ingress = getattr(request.module, "SERVE_INGRESS", None)
@@ -71,8 +71,8 @@ def encoder_dir(tmp_path_factory):
     from atm_ray.config import ModelShape
     from atm_ray.data.files import resolve
     from atm_ray.data.readers import read_nlu
-    from atm_ray.modeling import build_masked_lm
-    from atm_ray.tokenizer import train_tokenizer
+    from atm_ray.train.modeling import build_masked_lm
+    from atm_ray.data.tokenizer import train_tokenizer
 
     directory = tmp_path_factory.mktemp("encoder")
     records, _ = read_nlu("jointbert", resolve("bundled:nlu/snips/train"))
@@ -87,7 +87,7 @@ def encoder_dir(tmp_path_factory):
 def nlu_models(encoder_dir, tmp_path_factory):
     """Two fine-tuned arms for serving tests: A (3 epochs) and B (1 epoch), trained in this process."""
     from atm_ray.config import load_config
-    from atm_ray.finetune import run_finetune
+    from atm_ray.nlu.finetune import run_finetune
 
     run_dir = tmp_path_factory.mktemp("nlu-models")
     exports = {}

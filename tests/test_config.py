@@ -2,7 +2,7 @@ import pytest
 
 from atm_ray.cli import main
 from atm_ray.config import PRESETS, ConfigError, load_config
-from atm_ray.modeling import count_parameters
+from atm_ray.train.modeling import count_parameters
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -74,7 +74,7 @@ def test_paper_preset_is_set_for_a_cluster():
 
 
 def test_count_parameters_matches_allocated_model():
-    from atm_ray.modeling import build_masked_lm
+    from atm_ray.train.modeling import build_masked_lm
 
     config = load_config("tiny")
     shape = config.models["teacher"]

@@ -14,8 +14,8 @@ import yaml
 from conftest import SHORT_STAGES
 
 from atm_ray.config import ConfigError, load_config
-from atm_ray.distill import run_distill
-from atm_ray.pretrain import run_pretrain_stage
+from atm_ray.train.distill import run_distill
+from atm_ray.train.pretrain import run_pretrain_stage
 from atm_ray.sweep import EXPERIMENT, check_sweep
 
 DISTRIBUTED = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}

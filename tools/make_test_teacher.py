@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from atm_ray.config import load_config  # noqa: E402
-from atm_ray.pretrain import run_pretrain_stage  # noqa: E402
+from atm_ray.train.pretrain import run_pretrain_stage  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "spoken_teacher"
 SPOKEN = "[{format: text, path: pretrain/spoken/slurp_lm.txt}, {format: text, path: pretrain/spoken/xsid_train_en.txt}]"

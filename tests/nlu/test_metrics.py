@@ -4,7 +4,7 @@ import random
 import pytest
 from seqeval.metrics import f1_score, precision_score, recall_score
 
-from atm_ray.nlu_metrics import (
+from atm_ray.nlu.metrics import (
     comparison,
     comparison_markdown,
     f1_from_counts,

@@ -11,9 +11,9 @@ import pytest
 from conftest import FIXTURES, SHORT_STAGES
 
 from atm_ray.config import load_config
-from atm_ray.distill import run_distill
-from atm_ray.engine import FAULT_EXIT_CODE
-from atm_ray.pretrain import run_pretrain_stage
+from atm_ray.train.distill import run_distill
+from atm_ray.train.engine import FAULT_EXIT_CODE
+from atm_ray.train.pretrain import run_pretrain_stage
 
 SHORT = SHORT_STAGES
 
@@ -93,8 +93,8 @@ def test_final_student_distils_with_hidden_states(teachers, tmp_path):
 
 
 def test_teacher_with_another_vocabulary_is_refused(teachers, tmp_path):
-    from atm_ray.distill import DistillTrainer
-    from atm_ray.modeling import build_masked_lm
+    from atm_ray.train.distill import DistillTrainer
+    from atm_ray.train.modeling import build_masked_lm
 
     config = load_config("tiny")
     student = build_masked_lm(config.models["intermediate"], 999)
@@ -125,7 +125,7 @@ def _packed_rows(tokenizer, source_format: str, path: str) -> dict:
 
     from atm_ray.data.files import resolve
     from atm_ray.data.readers import read_text_source
-    from atm_ray.mlm import pack_batch, tokenize_batch
+    from atm_ray.data.masking import pack_batch, tokenize_batch
 
     records, _ = read_text_source(source_format, resolve(path))
     batch = {key: [record[key] for record in records] for key in ("text", "words", "pos")}
@@ -147,10 +147,10 @@ def test_distilled_student_fills_masks_better_than_mlm_only():
     import numpy as np
 
     from atm_ray.config import ModelShape
-    from atm_ray.distill import DistillTrainer
-    from atm_ray.engine import RowSource, endless, init_single_process_group
-    from atm_ray.modeling import build_masked_lm
-    from atm_ray.tokenizer import load_tokenizer
+    from atm_ray.train.distill import DistillTrainer
+    from atm_ray.train.engine import RowSource, endless, init_single_process_group
+    from atm_ray.train.modeling import build_masked_lm
+    from atm_ray.data.tokenizer import load_tokenizer
 
     teacher = FIXTURES / "spoken_teacher"
     tokenizer = load_tokenizer(teacher)
@@ -194,8 +194,8 @@ def test_student_initialised_from_every_kth_teacher_layer():
     import torch
 
     from atm_ray.config import ModelShape
-    from atm_ray.distill import init_from_teacher_layers
-    from atm_ray.modeling import build_masked_lm
+    from atm_ray.train.distill import init_from_teacher_layers
+    from atm_ray.train.modeling import build_masked_lm
 
     teacher = build_masked_lm(ModelShape(num_layers=4, hidden_size=32, num_heads=2, intermediate_size=64), 100, seed=1)
     student = build_masked_lm(ModelShape(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64), 100, seed=2)
@@ -217,10 +217,10 @@ def test_attention_matching_runs_and_logs_its_term():
     import math
 
     from atm_ray.config import ModelShape
-    from atm_ray.distill import DistillTrainer
-    from atm_ray.engine import init_single_process_group
-    from atm_ray.modeling import build_masked_lm
-    from atm_ray.tokenizer import load_tokenizer
+    from atm_ray.train.distill import DistillTrainer
+    from atm_ray.train.engine import init_single_process_group
+    from atm_ray.train.modeling import build_masked_lm
+    from atm_ray.data.tokenizer import load_tokenizer
 
     teacher = FIXTURES / "spoken_teacher"
     tokenizer = load_tokenizer(teacher)

@@ -1,7 +1,7 @@
 from transformers import AutoTokenizer
 
-from atm_ray.modeling import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
-from atm_ray.tokenizer import tokenizer_statistics, train_tokenizer
+from atm_ray.train.modeling import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
+from atm_ray.data.tokenizer import tokenizer_statistics, train_tokenizer
 
 TEXTS = [
     "set an alarm for seven am",

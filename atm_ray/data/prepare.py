@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from atm_ray.config import Config, CorpusConfig
 from atm_ray.data import files
 from atm_ray.data.readers import read_text_source, to_spoken_form
-from atm_ray.mlm import most_frequent_token, pack_batch, tokenize_batch
-from atm_ray.tokenizer import load_tokenizer, tokenizer_statistics, train_tokenizer
+from atm_ray.data.masking import most_frequent_token, pack_batch, tokenize_batch
+from atm_ray.data.tokenizer import load_tokenizer, tokenizer_statistics, train_tokenizer
 from atm_ray.utils import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from atm_ray.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
+from atm_ray.train.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
 
 
 def test_mlm_loss_only_on_masked_positions():

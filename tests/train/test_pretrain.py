@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from atm_ray.config import load_config
-from atm_ray.engine import parameter_checksum
-from atm_ray.pretrain import run_pretrain_stage
-from atm_ray.stages import FAIL_AT_STEP_ENV
+from atm_ray.train.engine import parameter_checksum
+from atm_ray.train.pretrain import run_pretrain_stage
+from atm_ray.train.stages import FAIL_AT_STEP_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -110,8 +110,8 @@ def test_unigram_baseline_is_the_most_frequent_tokens_share_of_the_masks():
     same masks: checked against a count done here on a model that always guesses it."""
     import numpy as np
 
-    from atm_ray.engine import masked_lm_metrics
-    from atm_ray.mlm import IGNORE_INDEX, MaskingCollator, most_frequent_token
+    from atm_ray.train.engine import masked_lm_metrics
+    from atm_ray.data.masking import IGNORE_INDEX, MaskingCollator, most_frequent_token
 
     rng = np.random.default_rng(0)
     ids = rng.choice([5, 6, 7, 8], p=[0.55, 0.25, 0.15, 0.05], size=(64, 16))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from atm_ray.config import AtmRayError
-from atm_ray.mlm import IGNORE_INDEX
+from atm_ray.data.masking import IGNORE_INDEX
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

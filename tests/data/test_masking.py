@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from atm_ray.mlm import IGNORE_INDEX, MaskingCollator, is_noun, mask_tokens, pack_batch, tokenize_batch
-from atm_ray.modeling import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS
-from atm_ray.tokenizer import train_tokenizer
+from atm_ray.data.masking import IGNORE_INDEX, MaskingCollator, is_noun, mask_tokens, pack_batch, tokenize_batch
+from atm_ray.train.modeling import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS
+from atm_ray.data.tokenizer import train_tokenizer
 
 VOCAB = 1000
 

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from atm_ray.cli import main
 from atm_ray.config import load_config
-from atm_ray.prepare import prepare
+from atm_ray.data.prepare import prepare
 
 
 def test_tiny_prepare_outputs(tiny_prepared):

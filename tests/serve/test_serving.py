@@ -182,7 +182,7 @@ def _post(url, payload, **kwargs):
 
 @pytest.mark.slow
 def test_parses_match_the_in_process_parser(endpoint, nlu_models):
-    from atm_ray.nlu import Parser
+    from atm_ray.nlu.model import Parser
 
     texts = ["add this song to my workout playlist", "play some jazz by miles davis on spotify",
              "what will the weather be in paris tomorrow", "book a table for two at 7 pm"]
@@ -310,7 +310,7 @@ def test_a_hostile_request_inside_a_concurrent_batch_fails_alone(endpoint):
 
 
 def test_parser_names_the_utterance_it_cannot_encode(nlu_models):
-    from atm_ray.nlu import Parser
+    from atm_ray.nlu.model import Parser
 
     with pytest.raises(ValueError, match="utterance 1 is not valid Unicode"):
         Parser(nlu_models["A"]).parse(["play jazz", "play \ud800"])
@@ -334,7 +334,7 @@ def test_shadow_arm_agreement_is_recorded(endpoint, nlu_models):
             time.sleep(0.2)
         assert shadow["compared"] == 30, shadow
         # agreement as the two models give it in this process
-        from atm_ray.nlu import Parser
+        from atm_ray.nlu.model import Parser
 
         mine, theirs = Parser(nlu_models["A"]).parse(texts), Parser(nlu_models["B"]).parse(texts)
         assert shadow["intent_agreement"] == sum(a["intent"]["name"] == b["intent"]["name"] for a, b in zip(mine, theirs))
@@ -404,7 +404,7 @@ def test_serve_config_is_valid_for_serve_deploy():
 
     from atm_ray.serve.app import ServeSettings, Traffic, build_app
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     schema = ServeDeploySchema.model_validate(yaml.safe_load((root / "serve" / "config.yaml").read_text()))
     assert schema.http_options.host == "127.0.0.1"
     (application,) = schema.applications
@@ -573,3 +573,18 @@ def test_cli_serve_stops_cleanly_on_sigterm(nlu_models, tmp_path):
     assert "Aborted" not in output and "Traceback" not in output, output[-3000:]
     assert sum("/v1/parse" in line for line in output.splitlines()) <= 1, output[-3000:]  # only the "serving on" line
     assert json.loads((tmp_path / "state" / "ab_ledger.json").read_text())["requests"] == {"A": 30}
+
+
+def test_a_missing_haproxy_binary_is_named_with_the_way_out(monkeypatch, tmp_path):
+    from atm_ray.config import AtmRayError
+    from atm_ray.serve.app import haproxy_binary, set_ingress
+
+    assert haproxy_binary()  # this environment has the binary that ray[serve] brings
+    broken = tmp_path / "haproxy"
+    broken.write_text("not a program")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(broken))
+    with pytest.raises(AtmRayError, match="--ingress proxy") as caught:
+        set_ingress("haproxy")
+    assert str(broken) in str(caught.value)
+    with pytest.raises(AtmRayError, match="ingress must be one of"):
+        set_ingress("nginx")

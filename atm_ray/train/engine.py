@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from atm_ray.config import AtmRayError, EngineConfig
-from atm_ray.mlm import IGNORE_INDEX, MaskingCollator
+from atm_ray.data.masking import IGNORE_INDEX, MaskingCollator
 
 logger = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ class LoopSettings:
     eval_batches: int
     checkpoint_every: int
     eval_batch_size: int = 32
-    # Testing hook: rank ``fail_rank`` exits abruptly at this step, once (see tests/test_pretrain.py).
+    # Testing hook: rank ``fail_rank`` exits abruptly at this step, once (see tests/train/test_pretrain.py).
     fail_at_step: int | None = None
     fail_rank: int = 0
     fail_marker: str | None = None

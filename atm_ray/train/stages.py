@@ -1,7 +1,7 @@
 """Running one training stage (teacher pretraining, distillation, continued pretraining).
 
 A ``StagePlan`` says in plain values what a stage trains, on which data, from what; two runners share
-the engine loop of ``atm_ray.engine``:
+the engine loop of ``atm_ray.train.engine``:
 
 - ``run_stage``: Ray Train's ``TorchTrainer`` drives one engine per worker; data comes through Ray Data
   (Parquet shards -> one split per worker -> masking collator in the worker); checkpoints hold every
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from atm_ray.config import AtmRayError, Config, StageConfig
-from atm_ray.engine import (
+from atm_ray.train.engine import (
     EXPORT_DIR,
     HISTORY_FILE,
     LoopSettings,
@@ -41,9 +41,9 @@ from atm_ray.engine import (
     run_training,
     split_batch_size,
 )
-from atm_ray.modeling import build_masked_lm
-from atm_ray.prepare import PreparedData
-from atm_ray.tokenizer import load_tokenizer
+from atm_ray.train.modeling import build_masked_lm
+from atm_ray.data.prepare import PreparedData
+from atm_ray.data.tokenizer import load_tokenizer
 from atm_ray.utils import atomic_write_json, publish_copy, read_json
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def build_trainer(config: Config, plan: StagePlan) -> tuple[MlmTrainer, float]:
     else:
         model = build_masked_lm(config.models[plan.model], plan.vocab_size, seed=config.seed)
     if plan.kind == "distill":
-        from atm_ray.distill import DistillTrainer
+        from atm_ray.train.distill import DistillTrainer
 
         trainer = DistillTrainer(model, settings, plan.teachers, plan.vocab_size, config.pretrain.mask_probability, config.seed)
     else:

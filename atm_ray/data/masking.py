@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from atm_ray.config import AtmRayError
-from atm_ray.modeling import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS
+from atm_ray.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS
 
 IGNORE_INDEX = -100
 NEVER_MASKED = (BOS_ID, PAD_ID, EOS_ID, MASK_ID)

@@ -19,13 +19,13 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from atm_ray.config import AtmRayError, Config, DistillStageConfig
-from atm_ray.engine import MlmTrainer, masked_lm_metrics
-from atm_ray.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
-from atm_ray.modeling import PAD_ID
+from atm_ray.train.engine import MlmTrainer, masked_lm_metrics
+from atm_ray.train.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
+from atm_ray.train.modeling import PAD_ID
 
 if TYPE_CHECKING:  # the stage runner reads Parquet through `datasets`: not needed for the trainer itself
-    from atm_ray.prepare import PreparedData
-    from atm_ray.stages import StagePlan, StageResult
+    from atm_ray.data.prepare import PreparedData
+    from atm_ray.train.stages import StagePlan, StageResult
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class DistillTrainer(MlmTrainer):
 def plan_distill_stages(config: Config, student: str, prepared: PreparedData, run_dir: Path) -> list[StagePlan]:
     """The stages ``atm-ray distill --student intermediate|final`` runs, in order (planned one by one,
     since each needs the one before it to have finished)."""
-    from atm_ray.stages import make_plan
+    from atm_ray.train.stages import make_plan
 
     if student == "intermediate":
         settings = config.distill.intermediate
@@ -258,7 +258,7 @@ def plan_distill_stages(config: Config, student: str, prepared: PreparedData, ru
 
 
 def plan_continuation(config: Config, prepared: PreparedData, run_dir: Path) -> StagePlan:
-    from atm_ray.stages import make_plan
+    from atm_ray.train.stages import make_plan
 
     return make_plan(
         config, prepared, run_dir, name="intermediate_continue", kind="mlm", settings_key="distill.continuation",
@@ -269,8 +269,8 @@ def plan_continuation(config: Config, prepared: PreparedData, run_dir: Path) -> 
 
 def run_distill(config: Config, student: str, run_dir: Path | None = None, use_ray: bool = True) -> list[StageResult]:
     """``intermediate``: distillation then in-domain continuation; ``final``: the final distillation."""
-    from atm_ray.prepare import prepare
-    from atm_ray.stages import run_stage, run_stage_local
+    from atm_ray.data.prepare import prepare
+    from atm_ray.train.stages import run_stage, run_stage_local
 
     if student not in ("intermediate", "final"):
         raise AtmRayError(f"--student must be 'intermediate' or 'final', not {student!r}")

@@ -29,8 +29,8 @@ import torch
 from atm_ray.config import AtmRayError, Config, FinetuneConfig, NluSource
 from atm_ray.data import files
 from atm_ray.data.readers import NLU_READERS, read_nlu
-from atm_ray.engine import EXPORT_DIR, parameter_groups, warmup_linear_decay
-from atm_ray.nlu import (
+from atm_ray.train.engine import EXPORT_DIR, parameter_groups, warmup_linear_decay
+from atm_ray.nlu.model import (
     RobertaPreLayerNormForIntentAndSlots,
     all_lowercase,
     build_joint_model,
@@ -38,7 +38,7 @@ from atm_ray.nlu import (
     label_maps,
     predict_words,
 )
-from atm_ray.nlu_metrics import nlu_scores
+from atm_ray.nlu.metrics import nlu_scores
 from atm_ray.utils import atomic_write_json, atomic_write_text, publish_copy, read_json
 
 logger = logging.getLogger(__name__)
@@ -408,7 +408,7 @@ def _fit_with_ray(config: Config, plan: FinetunePlan, data: NluData, encoded: di
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from atm_ray.stages import init_ray
+    from atm_ray.train.stages import init_ray
 
     cluster = config.cluster
     init_ray(cluster.address)
@@ -484,7 +484,7 @@ def _headline(metrics: dict, prefix: str) -> str:
 
 def _finish(config: Config, plan: FinetunePlan, data: NluData, final_checkpoint: Path) -> dict:
     """Export, dev/test scores, model card and manifest from the final checkpoint."""
-    from atm_ray.nlu import Parser
+    from atm_ray.nlu.model import Parser
 
     stage_dir = Path(plan.stage_dir)
     export_dir = stage_dir / EXPORT_DIR
@@ -523,7 +523,7 @@ def model_card(config: Config, plan: FinetunePlan, data: NluData, best: dict, te
 
 A pre-LayerNorm RoBERTa encoder with an intent head (first token) and a slot head (first sub-word of
 each word), fine-tuned by atm-ray (preset `{config.name}`). Load it with
-`atm_ray.nlu.Parser("{plan.name}/export").parse(["set an alarm for 7 am"])`.
+`atm_ray.nlu.model.Parser("{plan.name}/export").parse(["set an alarm for 7 am"])`.
 
 ## Parent model
 {plan.parent}

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from atm_ray.config import Config
-from atm_ray.prepare import PreparedData, prepare
-from atm_ray.stages import StagePlan, StageResult, make_plan, run_stage, run_stage_local
+from atm_ray.data.prepare import PreparedData, prepare
+from atm_ray.train.stages import StagePlan, StageResult, make_plan, run_stage, run_stage_local
 
 
 def plan_pretrain_stage(config: Config, stage: int, prepared: PreparedData, run_dir: Path) -> StagePlan:

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from atm_ray.config import EngineConfig, load_config
-from atm_ray.engine import FAULT_EXIT_CODE, MlmTrainer, RowSource, deepspeed_config, endless, read_rows, split_batch_size, warmup_linear_decay
-from atm_ray.modeling import build_masked_lm
-from atm_ray.pretrain import run_pretrain_stage_local
+from atm_ray.train.engine import FAULT_EXIT_CODE, MlmTrainer, RowSource, deepspeed_config, endless, read_rows, split_batch_size, warmup_linear_decay
+from atm_ray.train.modeling import build_masked_lm
+from atm_ray.train.pretrain import run_pretrain_stage_local
 
 SHORT_RUN = [
     "pretrain.stage1.steps=12",
@@ -34,7 +34,7 @@ def _short_config(tmp_path, run_name, *overrides):
 @pytest.fixture(scope="module")
 def prepared_run(tmp_path_factory):
     """A run folder whose prepare stage is done, shared by the runs of this module."""
-    from atm_ray.prepare import prepare
+    from atm_ray.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("engine")
     prepare(load_config("tiny", [f"run_dir={root / 'prepared'}"]))
@@ -99,8 +99,8 @@ def test_killed_run_resumes_and_matches_uninterrupted(prepared_run):
 
 
 def test_export_loads_and_gives_the_engines_logits(prepared_run, tmp_path):
-    from atm_ray.prepare import PreparedData
-    from atm_ray.tokenizer import load_tokenizer
+    from atm_ray.data.prepare import PreparedData
+    from atm_ray.data.tokenizer import load_tokenizer
 
     prepared = PreparedData(prepared_run / "prepared" / "prepare")
     config = load_config("tiny")
@@ -153,7 +153,7 @@ def test_row_source_splits_ranks_without_overlap():
 
 def _heldout_loss(model, rows, batches: int, batch_size: int = 32) -> float:
     """The engine's held-out masked-token loss, recomputed on a loaded model with the same fixed masks."""
-    from atm_ray.mlm import IGNORE_INDEX, MaskingCollator
+    from atm_ray.data.masking import IGNORE_INDEX, MaskingCollator
 
     collator = MaskingCollator(model.config.vocab_size, 0.15, "eval", seed=0 + 12345)
     total, count = 0.0, 0

@@ -23,9 +23,9 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging as hf_logging
 
 from atm_ray.config import AtmRayError
-from atm_ray.mlm import IGNORE_INDEX
-from atm_ray.modeling import PAD_ID
-from atm_ray.nlu_metrics import slot_spans
+from atm_ray.data.masking import IGNORE_INDEX
+from atm_ray.train.modeling import PAD_ID
+from atm_ray.nlu.metrics import slot_spans
 from atm_ray.utils import is_encodable
 
 UNKNOWN_LABEL = "<unknown>"  # index 0 of both label maps: dev/test labels never seen in training

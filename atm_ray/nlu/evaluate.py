@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from atm_ray.config import AtmRayError
-from atm_ray.nlu import Parser
-from atm_ray.nlu_metrics import comparison, comparison_markdown, nlu_scores
+from atm_ray.nlu.model import Parser
+from atm_ray.nlu.metrics import comparison, comparison_markdown, nlu_scores
 from atm_ray.utils import atomic_write_json, atomic_write_text
 
 

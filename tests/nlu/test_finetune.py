@@ -11,8 +11,8 @@ from atm_ray.cli import main
 from atm_ray.config import load_config
 from atm_ray.data.files import resolve
 from atm_ray.data.readers import read_nlu
-from atm_ray.finetune import NluTrainer, fit, load_nlu_data, run_finetune
-from atm_ray.nlu import (
+from atm_ray.nlu.finetune import NluTrainer, fit, load_nlu_data, run_finetune
+from atm_ray.nlu.model import (
     UNKNOWN_LABEL,
     Parser,
     build_joint_model,
@@ -119,7 +119,7 @@ def test_export_round_trips_and_the_parser_gives_character_spans(encoder_dir, tm
 def test_frozen_encoder_leaves_encoder_weights_unchanged(encoder_dir, tmp_path):
     config = _config(tmp_path, "finetune.max_epochs=1", "finetune.freeze_encoder=true")
     manifest = run_finetune(config, encoder_dir, name="frozen", use_ray=False)
-    from atm_ray.nlu import RobertaPreLayerNormForIntentAndSlots
+    from atm_ray.nlu.model import RobertaPreLayerNormForIntentAndSlots
 
     tuned = RobertaPreLayerNormForIntentAndSlots.from_pretrained(manifest["outputs"]["export"])
     initial = build_joint_model(encoder_dir, tuned.config.intent_labels, tuned.config.slot_labels, seed=config.seed)
@@ -199,7 +199,7 @@ def test_evaluate_command_writes_the_comparison(encoder_dir, tmp_path, capsys):
 
 def test_int8_parser_keeps_accuracy(nlu_models):
     """Dynamic int8 quantisation (the serving option for CPUs) changes scores by at most a point."""
-    from atm_ray.nlu_metrics import nlu_scores
+    from atm_ray.nlu.metrics import nlu_scores
 
     records, _ = read_nlu("jointbert", resolve(f"{SNIPS}/test"))
     words = [record["tokens"] for record in records]
