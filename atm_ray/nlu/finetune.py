@@ -320,7 +320,7 @@ def _save_state(directory: str, trainer: NluTrainer, tokenizer) -> None:
         trainer.export(Path(directory) / EXPORT_DIR, tokenizer)
 
 
-def train_worker(loop_config: dict) -> None:
+def finetune_train_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function."""
     import ray.train
     import ray.train.torch
@@ -417,7 +417,7 @@ def _fit_with_ray(config: Config, plan: FinetunePlan, data: NluData, encoded: di
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker or 1
     trainer = TorchTrainer(
-        train_worker,
+        finetune_train_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "plan": asdict(plan),
@@ -511,6 +511,37 @@ def _finish(config: Config, plan: FinetunePlan, data: NluData, final_checkpoint:
     return manifest
 
 
+def card_metadata(config: Config, plan: FinetunePlan, test: dict) -> str:
+    """The model card's YAML block, as the Hugging Face Hub reads it (model-index holds the test scores)."""
+    import yaml
+
+    sources = config.finetune.train + config.finetune.test
+    # a source is a split file or folder inside its dataset's folder: nlu/snips/train -> snips
+    datasets = sorted({Path(source.path.removeprefix("bundled:")).parent.name or Path(source.path).stem for source in sources})
+    languages = sorted(lang for lang in test["by_lang"] if lang and lang.isalpha() and len(lang) <= 3)
+    metadata = {
+        "library_name": "transformers",
+        "pipeline_tag": "token-classification",
+        "tags": ["atm-ray", "joint-intent-slot", "intent-classification", "slot-filling", "distillation"],
+        **({"language": languages} if languages else {}),
+        "datasets": datasets,
+        "base_model": str(plan.parent),
+        "model-index": [{
+            "name": plan.name,
+            "results": [{
+                "task": {"type": "token-classification", "name": "joint intent classification and slot filling"},
+                "dataset": {"name": ", ".join(datasets), "type": datasets[0] if datasets else "custom", "split": "test"},
+                "metrics": [
+                    {"type": "accuracy", "name": "intent accuracy", "value": round(100 * test["intent_accuracy"], 2)},
+                    {"type": "f1", "name": "slot F1", "value": round(100 * test["slot_f1"], 2)},
+                    {"type": "exact_match", "name": "exact match", "value": round(100 * test["exact_match"], 2)},
+                ],
+            }],
+        }],
+    }
+    return yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
+
+
 def model_card(config: Config, plan: FinetunePlan, data: NluData, best: dict, test: dict) -> str:
     settings = config.finetune
     sources = "\n".join(f"- {line}" for line in data.reports)
@@ -519,11 +550,14 @@ def model_card(config: Config, plan: FinetunePlan, data: NluData, best: dict, te
         f"{100 * scores['exact_match']:.2f} |"
         for lang, scores in test["by_lang"].items()
     )
-    return f"""# atm-ray joint intent + slot model ({plan.name})
+    return f"""---
+{card_metadata(config, plan, test)}---
+
+# atm-ray joint intent + slot model ({plan.name})
 
 A pre-LayerNorm RoBERTa encoder with an intent head (first token) and a slot head (first sub-word of
 each word), fine-tuned by atm-ray (preset `{config.name}`). Load it with
-`atm_ray.nlu.model.Parser("{plan.name}/export").parse(["set an alarm for 7 am"])`.
+`atm_ray.nlu.Parser("{plan.name}/export").parse(["set an alarm for 7 am"])`.
 
 ## Parent model
 {plan.parent}

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -530,12 +531,33 @@ def haproxy_binary() -> str:
     )
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as handle:
+        try:
+            handle.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("0.0.0.0", 0))
+        return handle.getsockname()[1]
+
+
 def set_ingress(kind: str) -> None:
     """Choose the HTTP ingress for the Ray this process starts (call before ray.init)."""
     if kind not in INGRESS_ENVIRONMENT:
         raise AtmRayError(f"ingress must be one of {sorted(INGRESS_ENVIRONMENT)}, not {kind!r}")
     if kind == "haproxy":
         haproxy_binary()
+        # HAProxy also listens on fixed metrics and stats ports; a second Serve on the machine (another
+        # `atm-ray serve`, a test cluster) would make it exit at start: take free ones then, and say so
+        for name, default in (("RAY_SERVE_HAPROXY_METRICS_PORT", 9101), ("RAY_SERVE_HAPROXY_STATS_PORT", 8404)):
+            if name not in os.environ and not _port_is_free(default):
+                os.environ[name] = str(_free_port())
+                logger.warning("port %d is taken: HAProxy's %s is %s", default, name, os.environ[name])
     os.environ.update(INGRESS_ENVIRONMENT[kind])
     # Serve gives a starting proxy 3 x 5 s to answer its readiness check, then kills it; a 2-core machine
     # that is also training takes longer to start one (measured: > 15 s while a fine-tuning ran)

@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_TAG = "state"
 EXPORT_DIR = "export"
 HISTORY_FILE = "history.json"
-FAULT_EXIT_CODE = 17  # what an injected fault exits with (testing hook)
 
 
 def init_single_process_group() -> None:
@@ -409,10 +408,8 @@ class LoopSettings:
     eval_batches: int
     checkpoint_every: int
     eval_batch_size: int = 32
-    # Testing hook: rank ``fail_rank`` exits abruptly at this step, once (see tests/train/test_pretrain.py).
-    fail_at_step: int | None = None
-    fail_rank: int = 0
-    fail_marker: str | None = None
+    # called after every optimiser step with (step, rank); the kill-and-resume tests inject faults with it
+    on_step: Callable[[int, int], None] | None = None
     extra_metrics: dict = field(default_factory=dict)
     unigram_tokens: dict[str, int] = field(default_factory=dict)  # per held-out kind, see masked_lm_metrics
 
@@ -443,8 +440,8 @@ def run_training(
         window_steps += 1
         window_tokens += tokens
         step = trainer.step
-        if settings.fail_at_step == step and trainer.rank == settings.fail_rank:
-            _fail_once(settings.fail_marker)
+        if settings.on_step is not None:
+            settings.on_step(step, trainer.rank)
         at_eval = step % settings.eval_every == 0 or step == settings.steps
         at_checkpoint = step % settings.checkpoint_every == 0 or step == settings.steps
         if not (at_eval or at_checkpoint):
@@ -478,15 +475,3 @@ def run_training(
         window_loss, window_steps = torch.zeros((), device=trainer.device), 0
         window_tokens, window_start = 0, time.perf_counter()
     return metrics
-
-
-def _fail_once(marker: str | None) -> None:
-    if marker and Path(marker).exists():
-        return
-    if marker:
-        Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker).write_text("failed once\n")
-    # Ray Train V2 may drop a checkpoint reported less than one poll interval before a crash.
-    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) * 3)
-    logger.warning("fault injection: exiting at step as asked")
-    os._exit(FAULT_EXIT_CODE)

@@ -41,6 +41,7 @@ from atm_ray.train.engine import (
     run_training,
     split_batch_size,
 )
+from atm_ray.train.faults import ExitAtStep, fault_from_environment
 from atm_ray.train.modeling import build_masked_lm
 from atm_ray.data.prepare import PreparedData
 from atm_ray.data.tokenizer import load_tokenizer
@@ -48,7 +49,6 @@ from atm_ray.utils import atomic_write_json, publish_copy, read_json
 
 logger = logging.getLogger(__name__)
 
-FAIL_AT_STEP_ENV = "ATM_RAY_FAIL_AT_STEP"  # testing hook: "<step>" or "<step>:<rank>"
 
 
 @dataclass
@@ -200,14 +200,6 @@ def heldout_rows(plan: StagePlan, stage: StageConfig) -> dict[str, dict[str, np.
     return rows
 
 
-def _fail_settings(stage_dir: str) -> dict:
-    value = os.environ.get(FAIL_AT_STEP_ENV)
-    if not value:
-        return {}
-    step, _, rank = value.partition(":")
-    return {"fail_at_step": int(step), "fail_rank": int(rank or 0), "fail_marker": str(Path(stage_dir) / "fault-injected")}
-
-
 def loop_settings(config: Config, plan: StagePlan, initial_checksum: float, fail: dict, resumed_from: int = 0) -> LoopSettings:
     settings = stage_settings(config, plan)
     return LoopSettings(
@@ -218,7 +210,7 @@ def loop_settings(config: Config, plan: StagePlan, initial_checksum: float, fail
         unigram_tokens=plan.unigram_tokens,
         # resumed_from_step: the step this run of the stage started at (0: from the beginning)
         extra_metrics={"initial_weights_checksum": initial_checksum, "resumed_from_step": resumed_from},
-        **fail,
+        on_step=ExitAtStep(**fail) if fail else None,
     )
 
 
@@ -255,7 +247,7 @@ class RayShardSource:
         )
 
 
-def train_worker(loop_config: dict) -> None:
+def stage_train_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function: build the engine, resume if asked, run the loop."""
     import ray.train
 
@@ -372,14 +364,14 @@ def run_stage(config: Config, plan: StagePlan, prepared: PreparedData, callbacks
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker or 1
     trainer = TorchTrainer(
-        train_worker,
+        stage_train_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "plan": asdict(plan),
             "train_shards": train_shards,
             "replay_shards": replay_shards,
             "heldout": heldout_rows(plan, settings),
-            "fail": _fail_settings(plan.stage_dir),
+            "fail": fault_from_environment(plan.stage_dir),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -473,7 +465,7 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
         trainer,
         mixed(batches, replay),
         heldout_rows(plan, settings),
-        loop_settings(config, plan, initial_checksum, _fail_settings(plan.stage_dir), resumed_from),
+        loop_settings(config, plan, initial_checksum, fault_from_environment(plan.stage_dir), resumed_from),
         report,
         checkpoint_dir,
     )

@@ -1,7 +1,9 @@
 """Joint intent + slot fine-tuning: the model, the loop (in process), the Ray Train stage, the Parser,
 and bad labelled data reaching the user as file:line."""
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +121,16 @@ def test_export_round_trips_and_the_parser_gives_character_spans(encoder_dir, tm
 def test_frozen_encoder_leaves_encoder_weights_unchanged(encoder_dir, tmp_path):
     config = _config(tmp_path, "finetune.max_epochs=1", "finetune.freeze_encoder=true")
     manifest = run_finetune(config, encoder_dir, name="frozen", use_ray=False)
+    # the model card opens with the metadata block the Hugging Face Hub reads, its scores the test's
+    import yaml
+
+    card = (Path(manifest["outputs"]["export"]) / "README.md").read_text()
+    assert card.startswith("---\n")
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    scores = {metric["name"]: metric["value"] for metric in metadata["model-index"][0]["results"][0]["metrics"]}
+    test_scores = json.loads((Path(manifest["outputs"]["export"]).parent / "test_scores.json").read_text())
+    assert scores["exact match"] == round(100 * test_scores["exact_match"], 2)
+    assert metadata["library_name"] == "transformers" and metadata["base_model"] == str(encoder_dir) and metadata["datasets"]
     from atm_ray.nlu.model import RobertaPreLayerNormForIntentAndSlots
 
     tuned = RobertaPreLayerNormForIntentAndSlots.from_pretrained(manifest["outputs"]["export"])

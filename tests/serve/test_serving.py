@@ -588,3 +588,31 @@ def test_a_missing_haproxy_binary_is_named_with_the_way_out(monkeypatch, tmp_pat
     assert str(broken) in str(caught.value)
     with pytest.raises(AtmRayError, match="ingress must be one of"):
         set_ingress("nginx")
+
+
+def test_haproxy_side_ports_move_when_taken(monkeypatch):
+    """HAProxy's fixed metrics (9101) and stats (8404) ports: taken by another Serve on the machine, the
+    next one gets free ports instead of an HAProxy that exits at start."""
+    import os
+
+    from atm_ray.serve.app import set_ingress
+
+    for name in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_ENABLE_HA_PROXY",
+                 "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    held = []
+    for port in (9101, 8404):
+        handle = socket.socket()
+        try:
+            handle.bind(("0.0.0.0", port))
+            held.append(handle)
+        except OSError:
+            handle.close()  # already taken (a Serve of this test session): just as good
+    try:
+        set_ingress("haproxy")
+    finally:
+        for handle in held:
+            handle.close()
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert int(os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]) not in (9101, 8404)
+    assert int(os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]) not in (9101, 8404)

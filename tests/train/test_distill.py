@@ -12,7 +12,7 @@ from conftest import FIXTURES, SHORT_STAGES
 
 from atm_ray.config import load_config
 from atm_ray.train.distill import run_distill
-from atm_ray.train.engine import FAULT_EXIT_CODE
+from atm_ray.train.faults import FAULT_EXIT_CODE
 from atm_ray.train.pretrain import run_pretrain_stage
 
 SHORT = SHORT_STAGES

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from atm_ray.config import EngineConfig, load_config
-from atm_ray.train.engine import FAULT_EXIT_CODE, MlmTrainer, RowSource, deepspeed_config, endless, read_rows, split_batch_size, warmup_linear_decay
+from atm_ray.train.faults import FAULT_EXIT_CODE
+from atm_ray.train.engine import MlmTrainer, RowSource, deepspeed_config, endless, read_rows, split_batch_size, warmup_linear_decay
 from atm_ray.train.modeling import build_masked_lm
 from atm_ray.train.pretrain import run_pretrain_stage_local
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 from atm_ray.config import load_config
 from atm_ray.train.engine import parameter_checksum
 from atm_ray.train.pretrain import run_pretrain_stage
-from atm_ray.train.stages import FAIL_AT_STEP_ENV
+from atm_ray.train.faults import FAIL_AT_STEP_ENV
 
 pytestmark = pytest.mark.slow
 
