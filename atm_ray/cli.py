@@ -183,6 +183,11 @@ def command_serve(args) -> None:
         print("stopping: Serve drains its requests and shuts down", flush=True)
         if ray.is_initialized():
             try:
+                # the A/B state first: a slow shutdown may not leave the ledger time for its own last write
+                serve.get_deployment_handle("AbLedger", app_name="atm-ray-nlu").save.remote().result(timeout_s=30)
+            except Exception as error:  # not deployed yet (stopped mid-start), or already gone
+                logging.getLogger(__name__).debug("A/B state not saved at stop: %s", error)
+            try:
                 serve.shutdown()
             finally:
                 ray.shutdown()
