@@ -108,7 +108,7 @@ def command_evaluate(args) -> None:
     for item in args.models:
         name, equals, directory = item.partition("=")
         if not equals or not name or not directory:
-            raise ConfigError(f"--models {item!r} is not NAME=DIR")
+            raise AtmRayError(f"--models {item!r} is not NAME=DIR")
         models[name] = Path(directory)
     if args.data or args.test:
         sources = config.finetune.test or config.finetune.train

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from atm_ray.config import AtmRayError
 from atm_ray.data.masking import IGNORE_INDEX
-from atm_ray.train.modeling import PAD_ID
+from atm_ray.data.tokenizer import PAD_ID
 from atm_ray.nlu.metrics import slot_spans
 from atm_ray.utils import is_encodable
 

@@ -288,18 +288,17 @@ class AbLedger:
 
     async def save(self) -> bool:
         """Write the state now (``atm-ray serve`` calls it before stopping); False without a state_dir."""
-        if self.path is None:
-            return False
-        if self.changed:
+        self._write_if_changed()
+        return self.path is not None
+
+    def _write_if_changed(self) -> None:
+        if self.path is not None and self.changed:
             self.changed = False
             atomic_write_text(self.path, json.dumps(self.ledger.state()))
-        return True
 
     def __del__(self):
         # Serve calls this on a graceful stop (redeploy, scale-down, serve.shutdown), if time allows
-        if self.path is not None and self.changed:
-            atomic_write_text(self.path, json.dumps(self.ledger.state()))
-            self.changed = False
+        self._write_if_changed()
 
 
 @serve.deployment(logging_config={"enable_access_log": False})

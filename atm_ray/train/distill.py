@@ -21,7 +21,7 @@ from transformers import AutoModelForMaskedLM
 from atm_ray.config import AtmRayError, Config, DistillStageConfig
 from atm_ray.train.engine import MlmTrainer, masked_lm_metrics
 from atm_ray.train.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
-from atm_ray.train.modeling import PAD_ID
+from atm_ray.data.tokenizer import PAD_ID
 
 if TYPE_CHECKING:  # the stage runner reads Parquet through `datasets`: not needed for the trainer itself
     from atm_ray.data.prepare import PreparedData

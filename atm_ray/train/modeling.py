@@ -8,7 +8,7 @@ import torch
 from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM
 
 from atm_ray.config import ModelShape
-from atm_ray.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID  # noqa: F401  (re-exported)
+from atm_ray.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from atm_ray.data.masking import IGNORE_INDEX, MaskingCollator, is_noun, mask_tokens, pack_batch, tokenize_batch
-from atm_ray.train.modeling import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS
+from atm_ray.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS
 from atm_ray.data.tokenizer import train_tokenizer
 
 VOCAB = 1000

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from atm_ray.train.modeling import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
+from atm_ray.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID
 from atm_ray.data.tokenizer import tokenizer_statistics, train_tokenizer
 
 TEXTS = [
