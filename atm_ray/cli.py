@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from atm_ray.config import AtmRayError, load_config
-from atm_ray.utils import RunFolderBusy, run_folder_lock
+from atm_ray.train.stage_table import DISTILL_STAGES, PRETRAIN_STAGES
+from atm_ray.utils import RunFolderBusy, console_logging, run_folder_lock
 
 # commands that write into a run folder: one at a time per folder
 WRITES_RUN_FOLDER = ("prepare", "pretrain", "distill", "finetune", "pipeline", "sweep")
@@ -69,13 +70,13 @@ def command_prepare(args) -> None:
 
 
 def command_pretrain(args) -> None:
-    from atm_ray.train.pretrain import run_pretrain_stage
+    from atm_ray.train.stages import run_pretrain_stage
 
     print(run_pretrain_stage(_config(args), stage=args.stage, use_ray=not args.no_ray).summary())
 
 
 def command_distill(args) -> None:
-    from atm_ray.train.distill import run_distill
+    from atm_ray.train.stages import run_distill
 
     for result in run_distill(_config(args), args.student, use_ray=not args.no_ray):
         print(result.summary())
@@ -93,9 +94,10 @@ def _finetune_config(args):
 
 def command_finetune(args) -> None:
     from atm_ray.nlu.finetune import finetune_summary, run_finetune
+    from atm_ray.train.stage_table import FINETUNE_SCRATCH, FINETUNE_STUDENT
 
     config = _finetune_config(args)
-    name = args.name or ("finetune_scratch" if args.scratch else "finetune_student") + ("_frozen" if args.freeze_encoder else "")
+    name = args.name or (FINETUNE_SCRATCH if args.scratch else FINETUNE_STUDENT) + ("_frozen" if args.freeze_encoder else "")
     print(finetune_summary(run_finetune(config, args.model, scratch=args.scratch, name=name, use_ray=not args.no_ray)))
 
 
@@ -130,8 +132,8 @@ def command_serve(args) -> None:
 
     import pydantic
 
+    from atm_ray.cluster import init_ray
     from atm_ray.serve.app import build_app, parse_arm_arguments, set_ingress
-    from atm_ray.train.stages import init_ray
 
     settings = {
         "arms": parse_arm_arguments(args.model, args.split),
@@ -201,7 +203,7 @@ def command_pipeline(args) -> None:
 
 
 def command_sweep(args) -> int:
-    from atm_ray.sweep import SweepInterrupted, run_sweep
+    from atm_ray.train.sweep import SweepInterrupted, run_sweep
 
     config = _config(args)
     if args.student:
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain_parser = commands.add_parser("pretrain", help="teacher pretraining, Stage 1 or 2, on Ray Train")
     _add_common(pretrain_parser)
-    pretrain_parser.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    pretrain_parser.add_argument("--stage", type=int, choices=sorted(PRETRAIN_STAGES), required=True)
     pretrain_parser.add_argument(
         "--no-ray", action="store_true", help="run the engine loop in this process (or under torchrun), without Ray"
     )
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distill", help="intermediate: distil from the teachers, then continue in-domain; final: distil the 17M"
     )
     _add_common(distill_parser)
-    distill_parser.add_argument("--student", choices=("intermediate", "final"), required=True)
+    distill_parser.add_argument("--student", choices=tuple(DISTILL_STAGES), required=True)
     distill_parser.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
     distill_parser.set_defaults(handler=command_distill)
 
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep_parser = commands.add_parser("sweep", help="Ray Tune search over a distillation stage's weights (ASHA)")
     _add_common(sweep_parser)
-    sweep_parser.add_argument("--student", choices=("intermediate", "final"), default=None,
+    sweep_parser.add_argument("--student", choices=tuple(DISTILL_STAGES), default=None,
                               help="the stage to sweep (default: sweep.student of the preset)")
     sweep_parser.add_argument("--name", default=None, help="sweep folder under the run folder (default: sweep_<student>)")
     sweep_parser.add_argument("--fresh", action="store_true", help="delete an earlier sweep of that name first")
@@ -319,10 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    console_logging(args.verbose)
     try:
         if args.command in WRITES_RUN_FOLDER:
             with run_folder_lock(_config(args).resolved_run_dir(), " ".join(["atm-ray", *(argv or sys.argv[1:])])):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from atm_ray.utils import settings_hash
 
 PRESETS = ("tiny", "cpu", "paper")
 
@@ -127,6 +127,10 @@ class LossWeights(Strict):
     attention: float = Field(default=0.0, ge=0)
 
 
+# the two kinds of text: every masked-LM stage trains on one (with a replay share of the other) and is
+# scored on both
+DOMAINS = ("written", "spoken")
+
 # Which way is better for every metric a switch or a sweep may compare: a table, not a guess from names.
 HELDOUT_DIRECTIONS = {
     "mlm_loss": "min", "perplexity": "min", "mask_fill_accuracy": "max", "noun_mask_fill_accuracy": "max",
@@ -136,7 +140,7 @@ HELDOUT_DIRECTIONS = {
 LOSS_TERMS = ("train_loss", "mlm_loss", "soft_ce_loss", "hidden_loss", "attention_loss")
 DOWNSTREAM_METRICS = tuple(f"downstream/{name}" for name in ("intent_accuracy", "slot_f1", "exact_match"))
 METRIC_DIRECTIONS: dict[str, str] = {
-    **{f"{kind}/{name}": mode for kind in ("written", "spoken") for name, mode in HELDOUT_DIRECTIONS.items()},
+    **{f"{domain}/{name}": mode for domain in DOMAINS for name, mode in HELDOUT_DIRECTIONS.items()},
     **{term: "min" for term in LOSS_TERMS},
     **{metric: "max" for metric in DOWNSTREAM_METRICS},
 }
@@ -162,7 +166,7 @@ class TeacherSwitch(Strict):
 
     @model_validator(mode="after")
     def _held_out_metric(self) -> "TeacherSwitch":
-        if self.metric.partition("/")[0] not in ("written", "spoken"):
+        if self.metric.partition("/")[0] not in DOMAINS:
             raise ValueError(f"metric: {self.metric!r} is not a held-out metric (written/... or spoken/...)")
         direction = metric_direction(self.metric, "metric")
         if self.mode is None:
@@ -345,7 +349,7 @@ class Config(Strict):
         """Stable hash of the named top-level sections, for stage manifests."""
         dump = self.model_dump(mode="json")
         picked = {key: dump[key] for key in keys}
-        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+        return settings_hash(picked)
 
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:

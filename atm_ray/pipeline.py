@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 from atm_ray.config import Config
-from atm_ray.train.distill import run_distill
-from atm_ray.train.engine import EXPORT_DIR
+from atm_ray.data.prepare import format_summary, prepare
 from atm_ray.nlu.evaluate import compare_models, comparison_report, write_comparison
 from atm_ray.nlu.finetune import finetune_summary, load_nlu_data, plan_finetune, run_finetune_stage
-from atm_ray.data.prepare import format_summary, prepare
-from atm_ray.train.pretrain import run_pretrain_stage
 from atm_ray.report import write_report
+from atm_ray.train.engine import EXPORT_DIR
+from atm_ray.train.stage_table import FINAL_DISTILL, FINETUNE_SCRATCH, FINETUNE_STUDENT, MASKED_LM_STAGES, STAGES
+from atm_ray.train.stages import make_plan, run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -32,37 +32,40 @@ logger = logging.getLogger(__name__)
 def run_pipeline(config: Config, run_dir: Path | None = None) -> Path:
     run_dir = Path(run_dir or config.resolved_run_dir())
     started = time.perf_counter()
-    print(f"[pipeline] preset {config.name}, run folder {run_dir.resolve()}", flush=True)
+    steps = 1 + len(MASKED_LM_STAGES) + 2 + 2  # prepare, the masked-LM stages, two fine-tunings, evaluation, report
+    step = 0
 
-    print("[pipeline] 1/9 prepare: tokenizer and MLM shards", flush=True)
-    print(format_summary(prepare(config, run_dir)), flush=True)
+    def announce(what: str) -> None:
+        nonlocal step
+        step += 1
+        logger.info("[pipeline] %d/%d %s", step, steps, what)
 
-    for stage in (1, 2):
-        print(f"[pipeline] {stage + 1}/9 teacher pretraining, Stage {stage}", flush=True)
-        print(run_pretrain_stage(config, stage, run_dir).summary(), flush=True)
+    logger.info("[pipeline] preset %s, run folder %s", config.name, run_dir.resolve())
+    announce("prepare: tokenizer and MLM shards")
+    prepared = prepare(config, run_dir)
+    logger.info("%s", format_summary(prepared))
 
-    for number, student in ((4, "intermediate"), (5, "final")):
-        print(f"[pipeline] {number}/9 distillation: {student} student", flush=True)
-        for result in run_distill(config, student, run_dir):
-            print(result.summary(), flush=True)
+    for name in MASKED_LM_STAGES:
+        announce(f"{name}: {STAGES[name].description}")
+        logger.info("%s", run_stage(config, make_plan(config, prepared, run_dir, name), prepared).summary())
 
     data = load_nlu_data(config.finetune, config.data.root, config.data.strict, config.seed)
-    student = run_dir / "final_distill" / EXPORT_DIR
+    student = run_dir / FINAL_DISTILL / EXPORT_DIR
     exports = {}
-    for number, name, scratch in ((6, "finetune_scratch", True), (7, "finetune_student", False)):
-        print(f"[pipeline] {number}/9 fine-tuning: {'scratch baseline' if scratch else 'pipeline student'}", flush=True)
-        manifest = run_finetune_stage(config, plan_finetune(config, data, student, name, scratch, run_dir), data)
-        exports[name.removeprefix("finetune_")] = manifest["outputs"]["export"]
-        print(finetune_summary(manifest), flush=True)
+    for name in (FINETUNE_SCRATCH, FINETUNE_STUDENT):
+        announce(f"{name}: fine-tuning of the {STAGES[name].description}")
+        manifest = run_finetune_stage(config, plan_finetune(config, data, student, name, name == FINETUNE_SCRATCH, run_dir), data)
+        exports[name] = manifest["outputs"]["export"]
+        logger.info("%s", finetune_summary(manifest))
 
-    print("[pipeline] 8/9 evaluation: pipeline student against the scratch baseline", flush=True)
+    announce("evaluation: pipeline student against the scratch baseline")
     description = f"the test split of preset {config.name} ({len(data.test)} utterances)"
-    result = compare_models({"scratch": exports["scratch"], "student": exports["student"]}, data.test, "scratch")
-    print(comparison_report(result, description), flush=True)
+    result = compare_models({"scratch": exports[FINETUNE_SCRATCH], "student": exports[FINETUNE_STUDENT]}, data.test, "scratch")
+    logger.info("%s", comparison_report(result, description))
     write_comparison(result, run_dir / "evaluation", description)
 
-    print("[pipeline] 9/9 report", flush=True)
-    print(f"report: {write_report(run_dir)}", flush=True)
+    announce("report")
+    logger.info("report: %s", write_report(run_dir))
 
-    print(f"[pipeline] done in {time.perf_counter() - started:.0f} s; artifacts in {run_dir.resolve()}", flush=True)
+    logger.info("[pipeline] done in %.0f s; artifacts in %s", time.perf_counter() - started, run_dir.resolve())
     return run_dir

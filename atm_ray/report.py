@@ -12,18 +12,13 @@ from pathlib import Path
 
 from atm_ray.config import ModelShape
 from atm_ray.train.engine import EXPORT_DIR
-from atm_ray.train.modeling import PAD_ID, count_parameters
+from atm_ray.data.tokenizer import PAD_ID
+from atm_ray.train.modeling import count_parameters
+from atm_ray.train.stage_table import DOMAINS, FINETUNE_STAGES, INTERMEDIATE_DISTILL, MASKED_LM_STAGES, STAGES
 from atm_ray.utils import atomic_write_text, read_json
 
-MLM_STAGES = {
-    "teacher_stage1": "teacher, Stage 1 (written)",
-    "teacher_stage2": "teacher, Stage 2 (spoken)",
-    "intermediate_distill": "intermediate student, distillation",
-    "intermediate_continue": "intermediate student, in-domain continuation",
-    "final_distill": "final student, distillation",
-}
-FINETUNE_STAGES = {"finetune_scratch": "scratch baseline", "finetune_student": "pipeline student"}
-KINDS = ("written", "spoken")
+MLM_STAGES = {name: STAGES[name].description for name in MASKED_LM_STAGES}
+FINETUNE_DESCRIPTIONS = {name: STAGES[name].description for name in FINETUNE_STAGES}
 
 
 def _history(stage_dir: Path) -> list[dict]:
@@ -96,8 +91,8 @@ def plot_loss_and_perplexity(histories: dict[str, list[dict]], path: Path) -> Pa
         for name in ("train_loss", "mlm_loss", "soft_ce_loss", "hidden_loss"):
             if any(name in entry for entry in history):
                 top.plot(steps, [entry.get(name, math.nan) for entry in history], marker=".", label=name)
-        for kind, style in zip(KINDS, ("-", "--")):
-            bottom.plot(steps, [entry.get(f"{kind}/perplexity", math.nan) for entry in history], style, marker=".", label=kind)
+        for domain, style in zip(DOMAINS, ("-", "--")):
+            bottom.plot(steps, [entry.get(f"{domain}/perplexity", math.nan) for entry in history], style, marker=".", label=domain)
         switch = _switch_step(history)
         for axis in (top, bottom):
             if switch is not None:
@@ -120,14 +115,14 @@ def plot_mask_filling(histories: dict[str, list[dict]], path: Path) -> Path:
     for axis, stage in zip(axes[0], stages):
         history = histories[stage]
         steps = [entry["step"] for entry in history]
-        for kind, color in zip(KINDS, ("C0", "C1")):
-            axis.plot(steps, [entry.get(f"{kind}/mask_fill_accuracy", math.nan) for entry in history], "-", color=color,
-                      marker=".", label=f"{kind}")
-            axis.plot(steps, [entry.get(f"{kind}/noun_mask_fill_accuracy", math.nan) for entry in history], "--",
-                      color=color, label=f"{kind}, nouns")
-            unigram = [entry.get(f"{kind}/unigram_mask_fill_accuracy", math.nan) for entry in history]
+        for domain, color in zip(DOMAINS, ("C0", "C1")):
+            axis.plot(steps, [entry.get(f"{domain}/mask_fill_accuracy", math.nan) for entry in history], "-", color=color,
+                      marker=".", label=f"{domain}")
+            axis.plot(steps, [entry.get(f"{domain}/noun_mask_fill_accuracy", math.nan) for entry in history], "--",
+                      color=color, label=f"{domain}, nouns")
+            unigram = [entry.get(f"{domain}/unigram_mask_fill_accuracy", math.nan) for entry in history]
             if not all(map(math.isnan, unigram)):
-                axis.plot(steps, unigram, ":", color=color, alpha=0.7, label=f"{kind}, most frequent token")
+                axis.plot(steps, unigram, ":", color=color, alpha=0.7, label=f"{domain}, most frequent token")
         switch = _switch_step(history)
         if switch is not None:
             axis.axvline(switch, color="C3", linestyle=":", label="teacher switch")
@@ -146,7 +141,7 @@ def plot_finetuning(histories: dict[str, list[dict]], path: Path) -> Path:
     for axis, name in zip(axes[0], ("intent_accuracy", "slot_f1", "exact_match")):
         for stage, history in histories.items():
             axis.plot([entry["epoch"] for entry in history], [entry.get(f"dev/{name}", math.nan) for entry in history],
-                      marker=".", label=FINETUNE_STAGES.get(stage, stage))
+                      marker=".", label=FINETUNE_DESCRIPTIONS.get(stage, stage))
         axis.set_title(f"dev {name}", fontsize=9)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
@@ -206,7 +201,7 @@ def _stage_table(run_dir: Path, histories: dict[str, list[dict]]) -> list[str]:
              "| stage | what | state | steps | train loss | written ppl | spoken ppl | spoken mask fill "
              "(most frequent token) | resumed at | export |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for stage, description in {**MLM_STAGES, **FINETUNE_STAGES}.items():
+    for stage, description in {**MLM_STAGES, **FINETUNE_DESCRIPTIONS}.items():
         stage_dir = run_dir / stage
         if not stage_dir.is_dir():
             continue
@@ -248,7 +243,7 @@ def _parameter_table(run_dir: Path) -> list[str]:
 
 
 def _switch_section(histories: dict[str, list[dict]]) -> list[str]:
-    history = histories.get("intermediate_distill")
+    history = histories.get(INTERMEDIATE_DISTILL)
     if not history:
         return []
     switch = _switch_step(history)

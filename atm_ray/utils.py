@@ -1,15 +1,54 @@
-"""Small helpers shared by the stages: atomic file writes and JSON."""
+"""Small helpers shared by the stages: console logging, atomic file writes and JSON."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import sys
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (a test's captured output, a redirected job log)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def console_logging(verbose: bool = False) -> None:
+    """What a person at the console sees: atm-ray's own messages (stage starts and ends, progress,
+    where results went) as plain lines on stdout; other libraries' warnings with their origin on
+    stderr; everything with ``verbose``. The library only logs; the CLI, jobs and Ray Train workers call
+    this once (it is idempotent)."""
+    ours = logging.getLogger("atm_ray")
+    if not any(getattr(handler, "atm_ray_console", False) for handler in ours.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.atm_ray_console = True  # type: ignore[attr-defined]
+        ours.addHandler(handler)
+        ours.propagate = False
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def settings_hash(sections: dict) -> str:
+    """The hash that decides whether a stage is up to date: its settings, inputs and upstream hashes
+    (every stage's manifest records it)."""
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def is_encodable(text: str) -> bool:

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atm_ray.config import load_config  # noqa: E402
 from atm_ray.train.distill import DistillTrainer, StudentWithProjection  # noqa: E402
-from atm_ray.train.engine import init_single_process_group, parameter_groups, warmup_linear_decay  # noqa: E402
+from transformers import get_linear_schedule_with_warmup  # noqa: E402
+
+from atm_ray.train.engine import init_single_process_group, parameter_groups  # noqa: E402
 from atm_ray.train.losses import hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map  # noqa: E402
 from atm_ray.data.masking import MaskingCollator  # noqa: E402
 from atm_ray.train.modeling import build_masked_lm  # noqa: E402
@@ -63,7 +65,7 @@ def plain_pytorch(args, settings, teacher_dir: str, student_shape, vocab: int) -
     optimizer = torch.optim.AdamW(
         parameter_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=args.optimizer == "torch_fused_adamw"
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(10, 10_000))
+    scheduler = get_linear_schedule_with_warmup(optimizer, 10, 10_000)
     collator = MaskingCollator(vocab, seed=0)
     autocast = args.precision in ("bf16", "autocast_bf16")
     stream = batches(make_rows(256, args.seq, vocab), args.batch)

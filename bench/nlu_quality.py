@@ -27,6 +27,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,18 +38,21 @@ from atm_ray.train.engine import EXPORT_DIR  # noqa: E402
 from atm_ray.nlu.evaluate import score_model  # noqa: E402
 from atm_ray.nlu.finetune import load_nlu_data, plan_finetune, run_finetune_stage, split_sources  # noqa: E402
 from atm_ray.train.modeling import count_parameters  # noqa: E402
+from atm_ray.train.stage_table import (  # noqa: E402
+    FINAL_DISTILL, INTERMEDIATE_CONTINUE, STAGES, TEACHER_STAGE1, TEACHER_STAGE2,
+)
 
 DATASETS = {
     "snips": ("jointbert", "nlu/snips", "bundled:nlu/snips"),
     "slurp_devel": ("slurp", "nlu/slurp/devel.jsonl", "bundled:nlu/slurp/devel.jsonl"),
 }
 MODELS = {  # row -> the stage whose export is fine-tuned
-    "scratch": "final_distill",
+    "scratch": FINAL_DISTILL,
     "mlm_only": "final_mlm_only",
-    "final": "final_distill",
-    "intermediate": "intermediate_continue",
-    "teacher_stage1": "teacher_stage1",
-    "teacher_stage2": "teacher_stage2",
+    "final": FINAL_DISTILL,
+    "intermediate": INTERMEDIATE_CONTINUE,
+    "teacher_stage1": TEACHER_STAGE1,
+    "teacher_stage2": TEACHER_STAGE2,
 }
 METRICS = ("intent_accuracy", "slot_f1", "exact_match")
 ANCHORS = """JointBERT anchors (SNIPS test, full training set): BERT-base 99.14 intent / 96.90 slot F1 / 93.00 exact match;
@@ -61,11 +65,9 @@ def train_mlm_only(config, run_dir: Path, use_ray: bool) -> Path:
     from atm_ray.train.stages import make_plan, run_stage, run_stage_local
 
     prepared = prepare(config, run_dir)
-    settings = config.distill.final
-    plan = make_plan(
-        config, prepared, run_dir, name="final_mlm_only", kind="mlm", settings_key="distill.final",
-        model=settings.student, train="written", replay="spoken", replay_fraction=settings.spoken_fraction,
-    )
+    # the final distillation's row without its teacher: same shape, text, steps and settings, MLM only
+    mlm_only = replace(STAGES[FINAL_DISTILL], name="final_mlm_only", objective="mlm", teachers=())
+    plan = make_plan(config, prepared, run_dir, mlm_only)
     return (run_stage if use_ray else run_stage_local)(config, plan, prepared).export_dir
 
 
@@ -115,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.preset, args.overrides)
     run_dir = Path(args.run_dir or config.resolved_run_dir())
-    if not (run_dir / "final_distill" / EXPORT_DIR / "config.json").is_file():
+    if not (run_dir / FINAL_DISTILL / EXPORT_DIR / "config.json").is_file():
         sys.exit(f"{run_dir}: no final student; run `atm-ray pipeline --preset {args.preset}` first")
     if "mlm_only" in args.models:
         train_mlm_only(config, run_dir, use_ray=not args.no_ray)

@@ -170,7 +170,7 @@ def start_serve(ingress: str) -> str:
     from ray import serve
 
     from atm_ray.serve.app import set_ingress
-    from atm_ray.train.stages import init_ray
+    from atm_ray.cluster import init_ray
 
     if ray.is_initialized():
         serve.shutdown()

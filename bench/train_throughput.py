@@ -28,7 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atm_ray.config import EngineConfig, load_config  # noqa: E402
-from atm_ray.train.engine import MlmTrainer, init_single_process_group, parameter_groups, warmup_linear_decay  # noqa: E402
+from transformers import get_linear_schedule_with_warmup  # noqa: E402
+
+from atm_ray.train.engine import MlmTrainer, init_single_process_group, parameter_groups  # noqa: E402
 from atm_ray.data.masking import MaskingCollator  # noqa: E402
 from atm_ray.train.modeling import BOS_ID, SPECIAL_TOKENS, build_masked_lm, count_parameters  # noqa: E402
 
@@ -79,7 +81,7 @@ def plain_pytorch(args, shape, vocab: int, precision: str, optimizer_name: str) 
     optimizer = torch.optim.AdamW(
         parameter_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, fused=optimizer_name == "torch_fused_adamw"
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(10, 10_000))
+    scheduler = get_linear_schedule_with_warmup(optimizer, 10, 10_000)
     collator = MaskingCollator(vocab, seed=0)
     autocast = precision in ("bf16", "autocast_bf16")
     stream = batches(make_rows(256, args.seq, vocab), args.batch)
@@ -134,7 +136,7 @@ def ray_train_loop(args, shape, vocab: int, precision: str, optimizer_name: str,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from atm_ray.train.stages import init_ray
+    from atm_ray.cluster import init_ray
 
     init_ray()
     threads = torch.get_num_threads()

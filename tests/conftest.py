@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = Path(os.environ.get("ATM_RAY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# the rendezvous variables a test process sets for its own process group (init_single_process_group)
+DISTRIBUTED = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a child command that starts its own process group, Ray and
+    Serve: without the rendezvous, Ray address and Serve ingress variables the tests set here."""
+    environment = {
+        name: value for name, value in os.environ.items()
+        if name not in DISTRIBUTED and name != "RAY_ADDRESS" and not name.startswith("RAY_SERVE_")
+    }
+    return {**environment, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
 
 # Every training stage of the tiny preset cut to a few steps (the teacher switch happens on the first
 # evaluation without a gain of 100, that is the second one).
@@ -50,7 +71,7 @@ def local_ray(request):
     that sets ``SERVE_INGRESS`` gets Ray started as ``atm-ray serve --ingress ...`` starts it."""
     import ray
 
-    from atm_ray.train.stages import init_ray
+    from atm_ray.cluster import init_ray
 
     saved = dict(os.environ)
     ingress = getattr(request.module, "SERVE_INGRESS", None)

@@ -6,39 +6,32 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SHORT_STAGES
+from conftest import SHORT_STAGES, free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("ray-head")
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     # every port of its own, so that another Ray on this machine (a developer's, a test's) cannot collide
     own_ports = [
-        "--dashboard-agent-listen-port", str(_free_port()),
-        "--dashboard-agent-grpc-port", str(_free_port()),
-        "--metrics-export-port", str(_free_port()),
-        "--runtime-env-agent-port", str(_free_port()),
-        "--ray-client-server-port", str(_free_port()),
-        "--node-manager-port", str(_free_port()),
-        "--object-manager-port", str(_free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),
+        "--node-manager-port", str(free_port()),
+        "--object-manager-port", str(free_port()),
     ]
     environment = {
         **os.environ,
@@ -146,8 +139,8 @@ def _pipeline(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
 
 def test_pipeline_job_runs_every_stage_and_writes_the_report(pipeline_run):
     run_dir, logs = pipeline_run
-    for number in range(1, 10):
-        assert f"[pipeline] {number}/9" in logs
+    for number in range(1, 11):  # prepare, 5 masked-LM stages, 2 fine-tunings, evaluation, report
+        assert f"[pipeline] {number}/10" in logs
     for stage in STAGES:
         assert (run_dir / stage / "manifest.json").is_file(), stage
     assert (run_dir / "final_distill" / "export" / "model.safetensors").is_file()

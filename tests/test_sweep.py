@@ -3,7 +3,6 @@ state API to release a stopped trial's workers), each trial its own Ray Train ru
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,14 +10,12 @@ import time
 
 import pytest
 import yaml
-from conftest import SHORT_STAGES
+from conftest import SHORT_STAGES, clean_environment
 
 from atm_ray.config import ConfigError, load_config
-from atm_ray.train.distill import run_distill
-from atm_ray.train.pretrain import run_pretrain_stage
-from atm_ray.sweep import EXPERIMENT, check_sweep
+from atm_ray.train.stages import run_distill, run_pretrain_stage
+from atm_ray.train.sweep import EXPERIMENT, check_sweep
 
-DISTRIBUTED = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +35,7 @@ def _sweep_command(run_dir, name, *overrides):
 
 
 def _environment():
-    return {key: value for key, value in os.environ.items() if key not in DISTRIBUTED}
+    return clean_environment()
 
 
 def _results(sweep_dir):
@@ -144,7 +141,7 @@ def test_interrupted_sweep_resumes_only_the_unfinished_trials(upstream):
 
 
 def test_best_trial_prefers_trials_that_ran_to_the_end():
-    from atm_ray.sweep import best_trial, expected_trials
+    from atm_ray.train.sweep import best_trial, expected_trials
 
     config = load_config("tiny", ["sweep.metric=spoken/mask_fill_accuracy", "sweep.mode=max"])
     rows = [
@@ -165,7 +162,7 @@ def test_best_trial_prefers_trials_that_ran_to_the_end():
 def test_better_is_the_metrics_own_direction_unless_said():
     """Selecting by a perplexity picks the lowest one (a guess from the ASHA metric's mode picked the worst);
     an unknown select_by is refused when the config loads."""
-    from atm_ray.sweep import best_trial
+    from atm_ray.train.sweep import best_trial
 
     rows = [
         {"trial_id": "a", "status": "finished", "step": 60, "params": {}, "metrics": {"spoken/perplexity": 40.0}},
@@ -182,7 +179,7 @@ def test_better_is_the_metrics_own_direction_unless_said():
 
 @pytest.mark.slow
 def test_downstream_scores_come_from_a_short_fine_tune(upstream, tmp_path):
-    from atm_ray.sweep import downstream_scores
+    from atm_ray.train.sweep import downstream_scores
 
     config = load_config("tiny", ["sweep.downstream={epochs: 1, max_train_records: 300}", "sweep.select_by=downstream/exact_match"])
     scores = downstream_scores(config, upstream / "intermediate_continue" / "export", tmp_path)

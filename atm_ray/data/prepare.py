@@ -1,4 +1,4 @@
-"""The prepare stage: read the corpora, train the tokenizer, pack MLM shards for each kind of text.
+"""The prepare stage: read the corpora, train the tokenizer, pack MLM shards for each domain (written, spoken).
 
 Output, under ``<run_dir>/prepare``::
 
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from atm_ray.config import Config, CorpusConfig
+from atm_ray.config import DOMAINS, Config, CorpusConfig
 from atm_ray.data import files
 from atm_ray.data.readers import read_text_source, to_spoken_form
 from atm_ray.data.masking import most_frequent_token, pack_batch, tokenize_batch
@@ -31,7 +31,6 @@ from atm_ray.utils import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("written", "spoken")
 SPLITS = ("train", "heldout")
 SHARD_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("noun_mask", pa.list_(pa.int8()))])
 PREPARE_SECTIONS = ("seed", "data", "tokenizer")
@@ -47,8 +46,8 @@ class PreparedData:
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
 
-    def shard_dir(self, kind: str, split: str) -> Path:
-        return self.root / "shards" / kind / split
+    def shard_dir(self, domain: str, split: str) -> Path:
+        return self.root / "shards" / domain / split
 
     @property
     def manifest(self) -> dict:
@@ -59,17 +58,17 @@ class PreparedData:
         return self.manifest["vocab_size"]
 
     def unigram_tokens(self) -> dict[str, int]:
-        """The most frequent training token of each kind of text (the unigram plateau's guess)."""
+        """The most frequent training token of each domain (the unigram plateau's guess)."""
         recorded = self.manifest.get("most_frequent_token")
         if recorded:
             return recorded
         # prepared before this was recorded: count it from the shards
-        return {kind: most_frequent_token(pq.read_table(self.shard_dir(kind, "train"), columns=["input_ids"])
-                                          .column("input_ids").combine_chunks().flatten().to_numpy()) for kind in KINDS}
+        return {domain: most_frequent_token(pq.read_table(self.shard_dir(domain, "train"), columns=["input_ids"])
+                                          .column("input_ids").combine_chunks().flatten().to_numpy()) for domain in DOMAINS}
 
 
 def read_corpus(corpus: CorpusConfig, root: str, strict: bool, seed: int) -> tuple[dict[str, list[dict]], list[str]]:
-    """Train and held-out records of one kind of text, and a line per file read."""
+    """Train and held-out records of one domain (written or spoken), and a line per file read."""
     reports = []
 
     def read_all(sources) -> list[dict]:
@@ -140,34 +139,34 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
     data = config.data
     corpora: dict[str, dict[str, list[dict]]] = {}
     reports: list[str] = []
-    for kind in tqdm(KINDS, desc="prepare: read corpora"):
-        corpora[kind], kind_reports = read_corpus(getattr(data, kind), data.root, data.strict, config.seed)
-        reports += kind_reports
+    for domain in tqdm(DOMAINS, desc="prepare: read corpora"):
+        corpora[domain], domain_reports = read_corpus(getattr(data, domain), data.root, data.strict, config.seed)
+        reports += domain_reports
     for line in reports:
         logger.info("read %s", line)
 
-    training_text = [record["text"] for kind in KINDS for record in corpora[kind]["train"]]
+    training_text = [record["text"] for domain in DOMAINS for record in corpora[domain]["train"]]
     logger.info("prepare: training a %d-piece tokenizer on %d texts", config.tokenizer.vocab_size, len(training_text))
     tokenizer = train_tokenizer(training_text, config.tokenizer.vocab_size, lowercase=config.tokenizer.lowercase)
     tokenizer.save_pretrained(str(output.tokenizer_dir))
     tokenizer = load_tokenizer(output.tokenizer_dir)
 
     statistics = {
-        kind: tokenizer_statistics(tokenizer, corpora[kind]["heldout"] + corpora[kind]["train"]) for kind in KINDS
+        domain: tokenizer_statistics(tokenizer, corpora[domain]["heldout"] + corpora[domain]["train"]) for domain in DOMAINS
     }
     atomic_write_json(output.root / "tokenizer_stats.json", statistics)
 
     counts: dict[str, dict[str, dict[str, int]]] = {}
     unigram: dict[str, int] = {}
-    for kind in KINDS:
-        counts[kind] = {}
+    for domain in DOMAINS:
+        counts[domain] = {}
         for split in SPLITS:
-            records = corpora[kind][split]
+            records = corpora[domain][split]
             table = tokenize_and_pack(records, tokenizer, data.max_seq_len, data.num_proc)
-            rows = write_shards(table, output.shard_dir(kind, split), data.shard_rows)
-            counts[kind][split] = {"records": len(records), "rows": rows}
+            rows = write_shards(table, output.shard_dir(domain, split), data.shard_rows)
+            counts[domain][split] = {"records": len(records), "rows": rows}
             if split == "train":
-                unigram[kind] = most_frequent_token(table.column("input_ids").combine_chunks().flatten().to_numpy())
+                unigram[domain] = most_frequent_token(table.column("input_ids").combine_chunks().flatten().to_numpy())
 
     atomic_write_json(
         manifest_path,
@@ -187,17 +186,17 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
 def format_summary(prepared: PreparedData) -> str:
     manifest = prepared.manifest
     lines = [f"prepared data in {prepared.root}", f"  tokenizer: {prepared.tokenizer_dir} ({manifest['vocab_size']} pieces)"]
-    for kind, splits in manifest["counts"].items():
+    for domain, splits in manifest["counts"].items():
         for split, count in splits.items():
             lines.append(
-                f"  {kind}/{split}: {count['records']} texts -> {count['rows']} rows of {manifest['seq_len']} "
-                f"in {prepared.shard_dir(kind, split)}"
+                f"  {domain}/{split}: {count['records']} texts -> {count['rows']} rows of {manifest['seq_len']} "
+                f"in {prepared.shard_dir(domain, split)}"
             )
     statistics = json.loads((prepared.root / "tokenizer_stats.json").read_text())
     lines.append("  tokenizer per language (unknown rate, sub-words per word):")
-    for kind, languages in statistics.items():
+    for domain, languages in statistics.items():
         for lang, values in languages.items():
             lines.append(
-                f"    {kind:8s} {lang:6s} {values['unknown_rate']:.4f}  {values['subwords_per_word']:.2f}"
+                f"    {domain:8s} {lang:6s} {values['unknown_rate']:.4f}  {values['subwords_per_word']:.2f}"
             )
     return "\n".join(lines)

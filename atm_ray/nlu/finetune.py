@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import random
 import shutil
@@ -29,7 +28,9 @@ import torch
 from atm_ray.config import AtmRayError, Config, FinetuneConfig, NluSource
 from atm_ray.data import files
 from atm_ray.data.readers import NLU_READERS, read_nlu
-from atm_ray.train.engine import EXPORT_DIR, parameter_groups, warmup_linear_decay
+from atm_ray.train.engine import EXPORT_DIR, parameter_groups
+from atm_ray.train.runner import fit_with_ray, publish_stage, up_to_date
+from atm_ray.train.stage_table import FINAL_DISTILL, FINETUNE_SCRATCH, FINETUNE_STUDENT
 from atm_ray.nlu.model import (
     RobertaPreLayerNormForIntentAndSlots,
     all_lowercase,
@@ -39,7 +40,7 @@ from atm_ray.nlu.model import (
     predict_words,
 )
 from atm_ray.nlu.metrics import nlu_scores
-from atm_ray.utils import atomic_write_json, atomic_write_text, publish_copy, read_json
+from atm_ray.utils import atomic_write_json, atomic_write_text, console_logging, read_json, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +142,10 @@ class NluTrainer:
         self.optimizer = torch.optim.AdamW(
             parameter_groups(model, settings.weight_decay), lr=settings.learning_rate, betas=(0.9, 0.98), eps=1e-6
         )
+        from transformers import get_linear_schedule_with_warmup
+
         total = max(1, steps_per_epoch * settings.max_epochs)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_linear_decay(int(settings.warmup_fraction * total), total)
-        )
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(settings.warmup_fraction * total), total)
         self.epoch = 0
         self.best_exact_match = -1.0
         self.best_epoch = 0
@@ -286,7 +287,7 @@ def plan_finetune(config: Config, data: NluData, encoder_dir: Path, name: str, s
         stage_dir=str((run_dir / name).resolve()),
         encoder_dir=str(encoder_dir.resolve()),
         scratch=scratch,
-        config_hash=hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16],
+        config_hash=settings_hash(sections),
         intent_labels=intent_labels,
         slot_labels=slot_labels,
         lowercase=all_lowercase(data.train),
@@ -326,6 +327,7 @@ def finetune_train_worker(loop_config: dict) -> None:
     import ray.train.torch
     from transformers import AutoTokenizer
 
+    console_logging()
     config = Config.model_validate(loop_config["config"])
     plan = FinetunePlan(**loop_config["plan"])
     settings = config.finetune
@@ -373,69 +375,28 @@ def _encoded(plan: FinetunePlan, records: list[dict], max_seq_len: int) -> dict[
     return encode_records(tokenizer, records, plan.intent_labels, plan.slot_labels, max_seq_len, plan.lowercase)
 
 
-def _up_to_date(plan: FinetunePlan) -> dict | None:
-    manifest = Path(plan.stage_dir) / "manifest.json"
-    if manifest.is_file() and read_json(manifest).get("config_hash") == plan.config_hash:
-        return read_json(manifest)
-    return None
-
-
 def run_finetune_stage(config: Config, plan: FinetunePlan, data: NluData, use_ray: bool = True) -> dict:
     """Run (or resume, or skip when finished) one fine-tuning stage; returns its manifest."""
-    done = _up_to_date(plan)
+    done = up_to_date(plan.stage_dir, plan.config_hash)
     if done:
-        logger.info("%s: up to date in %s", plan.name, plan.stage_dir)
         return done
-    stage_dir = Path(plan.stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    Path(plan.stage_dir).mkdir(parents=True, exist_ok=True)
     settings = config.finetune
     encoded = _encoded(plan, data.train, settings.max_seq_len)
-    print(
-        f"[{plan.name}] {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test utterances, "
-        f"{len(plan.intent_labels) - 1} intents, {len(plan.slot_labels) - 1} slot tags, "
-        f"{'scratch' if plan.scratch else 'from ' + plan.encoder_dir}{', frozen encoder' if settings.freeze_encoder else ''}",
-        flush=True,
+    logger.info(
+        "[%s] %d train / %d dev / %d test utterances, %d intents, %d slot tags, %s%s",
+        plan.name, len(data.train), len(data.dev), len(data.test), len(plan.intent_labels) - 1, len(plan.slot_labels) - 1,
+        "scratch" if plan.scratch else "from " + plan.encoder_dir, ", frozen encoder" if settings.freeze_encoder else "",
     )
     if not use_ray:
         return _finish(config, plan, data, _fit_here(config, plan, data, encoded))
-    result = _fit_with_ray(config, plan, data, encoded)
+    loop_config = {"config": config.model_dump(mode="json"), "plan": asdict(plan), "dev": data.dev, "train_rows": len(data.train)}
+    result = fit_with_ray(
+        config, finetune_train_worker, loop_config, stage_dir=plan.stage_dir, name=plan.name, config_hash=plan.config_hash,
+        num_workers=settings.num_workers, datasets={"train": _records_dataset(encoded)},
+    )
     with result.checkpoint.as_directory() as directory:
         return _finish(config, plan, data, Path(directory))
-
-
-def _fit_with_ray(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[str, np.ndarray]):
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from atm_ray.train.stages import init_ray
-
-    cluster = config.cluster
-    init_ray(cluster.address)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    resources = {"CPU": cluster.cpus_per_worker}
-    if cluster.use_gpu:
-        resources["GPU"] = cluster.gpus_per_worker or 1
-    trainer = TorchTrainer(
-        finetune_train_worker,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "plan": asdict(plan),
-            "dev": data.dev,
-            "train_rows": len(data.train),
-        },
-        datasets={"train": _records_dataset(encoded)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.finetune.num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"{config.name}-{plan.name}-{plan.config_hash}",
-            storage_path=cluster.storage_path or str(Path(plan.stage_dir) / "ray"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
-        ),
-    )
-    return trainer.fit()
 
 
 def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[str, np.ndarray]) -> Path:
@@ -486,28 +447,20 @@ def _finish(config: Config, plan: FinetunePlan, data: NluData, final_checkpoint:
     """Export, dev/test scores, model card and manifest from the final checkpoint."""
     from atm_ray.nlu.model import Parser
 
-    stage_dir = Path(plan.stage_dir)
-    export_dir = stage_dir / EXPORT_DIR
     history = torch.load(final_checkpoint / STATE_FILE, weights_only=True)["history"]
     best = max(history, key=lambda metrics: metrics["dev/exact_match"])
-    with publish_copy(final_checkpoint / EXPORT_DIR, export_dir) as staging:
+    manifest = {"stage": plan.name, "config_hash": plan.config_hash,
+                "inputs": {"parent": plan.parent, "train_records": len(data.train), "sources": data.reports}}
+    with publish_stage(plan.stage_dir, final_checkpoint, history, manifest) as staging:
         test = nlu_scores(data.test, Parser(staging).predict([record["tokens"] for record in data.test]))
         atomic_write_text(staging / "README.md", model_card(config, plan, data, best, test))
-    atomic_write_json(stage_dir / "metrics.json", history)
-    atomic_write_json(stage_dir / "test_scores.json", test)
-    manifest = {
-        "stage": plan.name,
-        "config_hash": plan.config_hash,
-        "inputs": {"parent": plan.parent, "train_records": len(data.train), "sources": data.reports},
-        "outputs": {"export": str(export_dir)},
-        "metrics": {
+        atomic_write_json(Path(plan.stage_dir) / "test_scores.json", test)
+        manifest["metrics"] = {
             "best_epoch": best["epoch"],
             "epochs": len(history),
             **{key: value for key, value in best.items() if key.startswith("dev/")},
             **{f"test/{name}": value for name, value in test.items() if name != "by_lang"},
-        },
-    }
-    atomic_write_json(stage_dir / "manifest.json", manifest)
+        }
     return manifest
 
 
@@ -600,8 +553,8 @@ def run_finetune(
     """Fine-tune ``model_dir`` (default: the run's final student) or, with ``scratch``, the same
     architecture from random weights; returns the stage manifest."""
     run_dir = Path(run_dir or config.resolved_run_dir())
-    model_dir = Path(model_dir or run_dir / "final_distill" / EXPORT_DIR)
+    model_dir = Path(model_dir or run_dir / FINAL_DISTILL / EXPORT_DIR)
     data = load_nlu_data(config.finetune, config.data.root, config.data.strict, config.seed)
-    name = name or ("finetune_scratch" if scratch else "finetune_student")
+    name = name or (FINETUNE_SCRATCH if scratch else FINETUNE_STUDENT)
     plan = plan_finetune(config, data, model_dir, name, scratch, run_dir)
     return run_finetune_stage(config, plan, data, use_ray)

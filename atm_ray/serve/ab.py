@@ -114,11 +114,11 @@ class Ledger:
         self.feedback_given: OrderedDict[str, None] = OrderedDict()
 
     def record(self, entries: list[dict]) -> None:
-        """Entries of kind ``request`` (arm, request_id, latency_ms, intent), ``error`` (arm), ``batch``
+        """Events ``request`` (arm, request_id, latency_ms, intent), ``error`` (arm), ``batch``
         (arm, size) or ``shadow`` (intent_agrees, frame_agrees)."""
         for entry in entries:
-            kind = entry["kind"]
-            if kind == "request":
+            event = entry["event"]
+            if event == "request":
                 arm = entry["arm"]
                 self.requests[arm] += 1
                 latencies = self.latencies[arm]
@@ -129,14 +129,14 @@ class Ledger:
                 self.request_arms[entry["request_id"]] = arm
                 while len(self.request_arms) > self.memory:
                     self.request_arms.popitem(last=False)
-            elif kind == "error":
+            elif event == "error":
                 self.errors[entry["arm"]] += 1
-            elif kind == "batch":
+            elif event == "batch":
                 sizes = self.batch_sizes[entry["arm"]]
                 sizes.append(entry["size"])
                 if len(sizes) > self.window:
                     del sizes[: len(sizes) - self.window]
-            elif kind == "shadow":
+            elif event == "shadow":
                 self.shadow["compared"] += 1
                 self.shadow["intent_agreement"] += bool(entry["intent_agrees"])
                 self.shadow["frame_agreement"] += bool(entry["frame_agrees"])

@@ -199,8 +199,8 @@ def client_error(error: ValidationError) -> ClientError:
     """The first problem pydantic found, as a 422 naming the field (``requests.3.text``)."""
     first = error.errors(include_url=False, include_input=False)[0]
     field = ".".join(str(part) for part in first["loc"]) or None
-    kind = first["type"]
-    code = _CODES.get(kind, "wrong_type" if kind.endswith("_type") or kind.endswith("_parsing") else kind)
+    error_type = first["type"]
+    code = _CODES.get(error_type, "wrong_type" if error_type.endswith("_type") or error_type.endswith("_parsing") else error_type)
     where = f"'{field}'" if field else "the request"
     return ClientError(422, code, f"{where}: {first['msg']}", field)
 

@@ -351,7 +351,7 @@ class NluService:
         parser = self.parsers[arm]
 
         async def parse_batch(texts: list[str]) -> list[dict | Exception]:
-            self.pending.append({"kind": "batch", "arm": arm, "size": len(texts)})
+            self.pending.append({"event": "batch", "arm": arm, "size": len(texts)})
             # On the loop, not in a thread: while a batch computes, requests gather in front of the
             # replica and the next batch takes them all (measured: mean batch 5.5 at 16 clients;
             # an inference thread left batches at ~1.1 on a 2-core machine, GIL contention).
@@ -440,14 +440,14 @@ class NluService:
                 raise result
         except Exception:
             self.error_counter.inc(tags={"arm": arm})
-            self.pending.append({"kind": "error", "arm": arm})
+            self.pending.append({"event": "error", "arm": arm})
             raise
         latency_ms = (time.perf_counter() - started) * 1000
         intent = result["intent"]["name"]
         self.request_counter.inc(tags={"arm": arm})
         self.intent_counter.inc(tags={"arm": arm, "intent": intent})
         self.latency.observe(latency_ms, tags={"arm": arm})
-        self.pending.append({"kind": "request", "arm": arm, "request_id": request_id, "latency_ms": latency_ms, "intent": intent})
+        self.pending.append({"event": "request", "arm": arm, "request_id": request_id, "latency_ms": latency_ms, "intent": intent})
         if self.settings.shadow and arm != self.settings.shadow:
             task = asyncio.get_running_loop().create_task(self._shadow(item.text, result))
             self.shadow_tasks.add(task)
@@ -461,10 +461,10 @@ class NluService:
                 raise shadow
         except Exception:
             logger.exception("shadow arm failed")
-            self.pending.append({"kind": "error", "arm": self.settings.shadow})
+            self.pending.append({"event": "error", "arm": self.settings.shadow})
             return
         self.pending.append({
-            "kind": "shadow",
+            "event": "shadow",
             "intent_agrees": shadow["intent"]["name"] == answered["intent"]["name"],
             "frame_agrees": frame(shadow) == frame(answered),
         })
@@ -554,11 +554,11 @@ def _free_port() -> int:
         return handle.getsockname()[1]
 
 
-def set_ingress(kind: str) -> None:
+def set_ingress(ingress: str) -> None:
     """Choose the HTTP ingress for the Ray this process starts (call before ray.init)."""
-    if kind not in INGRESS_ENVIRONMENT:
-        raise AtmRayError(f"ingress must be one of {sorted(INGRESS_ENVIRONMENT)}, not {kind!r}")
-    if kind == "haproxy":
+    if ingress not in INGRESS_ENVIRONMENT:
+        raise AtmRayError(f"ingress must be one of {sorted(INGRESS_ENVIRONMENT)}, not {ingress!r}")
+    if ingress == "haproxy":
         haproxy_binary()
         # HAProxy also listens on fixed metrics and stats ports; a second Serve on the machine (another
         # `atm-ray serve`, a test cluster) would make it exit at start: take free ones then, and say so
@@ -566,7 +566,7 @@ def set_ingress(kind: str) -> None:
             if name not in os.environ and not _port_is_free(default):
                 os.environ[name] = str(_free_port())
                 logger.warning("port %d is taken: HAProxy's %s is %s", default, name, os.environ[name])
-    os.environ.update(INGRESS_ENVIRONMENT[kind])
+    os.environ.update(INGRESS_ENVIRONMENT[ingress])
     # Serve gives a starting proxy 3 x 5 s to answer its readiness check, then kills it; a 2-core machine
     # that is also training takes longer to start one (measured: > 15 s while a fine-tuning ran)
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")

@@ -1,9 +1,10 @@
 """Two-step distillation (the paper's recipe).
 
-1. ``intermediate_distill``: teacher -> intermediate student with MLM + soft cross-entropy (equal weights
+1. intermediate distillation: teacher -> intermediate student with MLM + soft cross-entropy (equal weights
    by default), first from the Stage-1 teacher and, once the student plateaus, from the Stage-2 teacher.
-2. ``intermediate_continue``: MLM-only continued pretraining of the intermediate on spoken text.
-3. ``final_distill``: intermediate -> final student with MLM + soft CE + hidden-state matching.
+2. intermediate continuation: MLM-only continued pretraining of the intermediate on spoken text.
+3. final distillation: intermediate -> final student with MLM + soft CE + hidden-state matching.
+(The stages themselves are rows of ``atm_ray.train.stage_table``; this module holds their trainer.)
 
 The teacher runs in every worker in eval mode without gradients (bf16 on a GPU); the student and the
 hidden-state projection train together inside the DeepSpeed engine.
@@ -12,20 +13,13 @@ hidden-state projection train together inside the DeepSpeed engine.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from transformers import AutoModelForMaskedLM
 
-from atm_ray.config import AtmRayError, Config, DistillStageConfig
+from atm_ray.config import AtmRayError, DistillStageConfig
 from atm_ray.train.engine import MlmTrainer, masked_lm_metrics
 from atm_ray.train.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
 from atm_ray.data.tokenizer import PAD_ID
-
-if TYPE_CHECKING:  # the stage runner reads Parquet through `datasets`: not needed for the trainer itself
-    from atm_ray.data.prepare import PreparedData
-    from atm_ray.train.stages import StagePlan, StageResult
 
 logger = logging.getLogger(__name__)
 
@@ -175,12 +169,12 @@ class DistillTrainer(MlmTrainer):
 
     def evaluate(self, heldout, batches: int, batch_size: int, unigram_token: int | None = None) -> dict[str, float]:
         metrics = super().evaluate(heldout, batches, batch_size, unigram_token)
-        kind = id(heldout)
-        if kind not in self.teacher_metrics:
-            self.teacher_metrics[kind] = masked_lm_metrics(
+        key = id(heldout)  # the same held-out rows each time: the teacher is scored once per domain
+        if key not in self.teacher_metrics:
+            self.teacher_metrics[key] = masked_lm_metrics(
                 self.teacher, heldout, batches, batch_size, self.vocab_size, self.mask_probability, self.seed, self.device
             )
-        teacher = self.teacher_metrics[kind]
+        teacher = self.teacher_metrics[key]
         metrics["teacher_perplexity"] = teacher["perplexity"]
         metrics["teacher_mask_fill_accuracy"] = teacher["mask_fill_accuracy"]
         metrics["teacher_noun_mask_fill_accuracy"] = teacher["noun_mask_fill_accuracy"]
@@ -213,6 +207,9 @@ class DistillTrainer(MlmTrainer):
             self.best_metric, self.evaluations_without_gain = None, 0
             metrics["teacher_switch_step"] = self.switch_step
 
+    def export_module(self) -> torch.nn.Module:
+        return self.engine.module.student  # not the projection to the teacher's width
+
     def extra_state(self) -> dict:
         return {
             "teacher_index": self.teacher_index,
@@ -227,57 +224,3 @@ class DistillTrainer(MlmTrainer):
         self.switch_step = state.get("switch_step")
         self.best_metric = state.get("best_metric")
         self.evaluations_without_gain = state.get("evaluations_without_gain", 0)
-
-
-# ---------------------------------------------------------------------- the stages
-
-
-def plan_distill_stages(config: Config, student: str, prepared: PreparedData, run_dir: Path) -> list[StagePlan]:
-    """The stages ``atm-ray distill --student intermediate|final`` runs, in order (planned one by one,
-    since each needs the one before it to have finished)."""
-    from atm_ray.train.stages import make_plan
-
-    if student == "intermediate":
-        settings = config.distill.intermediate
-        teachers = {"teacher": "teacher_stage1", "teacher2": "teacher_stage2"} if settings.switch else {"teacher": "teacher_stage2"}
-        return [
-            make_plan(
-                config, prepared, run_dir, name="intermediate_distill", kind="distill", settings_key="distill.intermediate",
-                model=settings.student, train="written", replay="spoken", replay_fraction=settings.spoken_fraction,
-                upstream=teachers,
-            )
-        ]
-    settings = config.distill.final
-    return [
-        make_plan(
-            config, prepared, run_dir, name="final_distill", kind="distill", settings_key="distill.final",
-            model=settings.student, train="written", replay="spoken", replay_fraction=settings.spoken_fraction,
-            upstream={"teacher": "intermediate_continue"},
-        )
-    ]
-
-
-def plan_continuation(config: Config, prepared: PreparedData, run_dir: Path) -> StagePlan:
-    from atm_ray.train.stages import make_plan
-
-    return make_plan(
-        config, prepared, run_dir, name="intermediate_continue", kind="mlm", settings_key="distill.continuation",
-        model=config.distill.intermediate.student, train="spoken", replay="written",
-        replay_fraction=config.distill.continuation.replay_fraction, upstream={"init_from": "intermediate_distill"},
-    )
-
-
-def run_distill(config: Config, student: str, run_dir: Path | None = None, use_ray: bool = True) -> list[StageResult]:
-    """``intermediate``: distillation then in-domain continuation; ``final``: the final distillation."""
-    from atm_ray.data.prepare import prepare
-    from atm_ray.train.stages import run_stage, run_stage_local
-
-    if student not in ("intermediate", "final"):
-        raise AtmRayError(f"--student must be 'intermediate' or 'final', not {student!r}")
-    run_dir = Path(run_dir or config.resolved_run_dir())
-    prepared = prepare(config, run_dir)
-    runner = run_stage if use_ray else run_stage_local
-    results = [runner(config, plan, prepared) for plan in plan_distill_stages(config, student, prepared, run_dir)]
-    if student == "intermediate":
-        results.append(runner(config, plan_continuation(config, prepared, run_dir), prepared))
-    return results

@@ -98,15 +98,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
 def parameter_checksum(model: torch.nn.Module) -> float:
     """A cheap fingerprint of a model's weights (to check one stage really starts from another)."""
     with torch.no_grad():
@@ -145,12 +136,13 @@ class MlmTrainer:
                 eps=1e-6,
                 fused=engine_config.optimizer == "torch_fused_adamw",
             )
-        schedule = warmup_linear_decay(engine_config.warmup_steps, total_steps)
+        from transformers import get_linear_schedule_with_warmup
+
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=None if optimizer else model.parameters(),
             optimizer=optimizer,
-            lr_scheduler=lambda wrapped: torch.optim.lr_scheduler.LambdaLR(wrapped, schedule),
+            lr_scheduler=lambda wrapped: get_linear_schedule_with_warmup(wrapped, engine_config.warmup_steps, total_steps),
             config=config,
             dist_init_required=False,
         )
@@ -272,11 +264,15 @@ class MlmTrainer:
             self.collator.generator.set_state(states["collator"])
         return client_state["data_position"]
 
+    def export_module(self) -> torch.nn.Module:
+        """The model a stage publishes (a distillation trainer trains more than its student)."""
+        return self.engine.module
+
     def export(self, directory: str | Path, tokenizer=None) -> None:
         """Collective under ZeRO-3; rank 0 writes ``save_pretrained`` (safetensors) and the tokenizer."""
         import deepspeed
 
-        model = getattr(self.engine.module, "student", self.engine.module)  # distillation wraps the student
+        model = self.export_module()
         gathered = (
             deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
             if self.engine_config.zero_stage == 3
@@ -411,7 +407,7 @@ class LoopSettings:
     # called after every optimiser step with (step, rank); the kill-and-resume tests inject faults with it
     on_step: Callable[[int, int], None] | None = None
     extra_metrics: dict = field(default_factory=dict)
-    unigram_tokens: dict[str, int] = field(default_factory=dict)  # per held-out kind, see masked_lm_metrics
+    unigram_tokens: dict[str, int] = field(default_factory=dict)  # per domain, see masked_lm_metrics
 
 
 def run_training(
@@ -459,10 +455,10 @@ def run_training(
         }
         if at_eval:
             metrics["replica_divergence"] = trainer.replica_divergence()
-            for kind, rows in heldout.items():
-                scores = trainer.evaluate(rows, settings.eval_batches, settings.eval_batch_size, settings.unigram_tokens.get(kind))
+            for domain, rows in heldout.items():
+                scores = trainer.evaluate(rows, settings.eval_batches, settings.eval_batch_size, settings.unigram_tokens.get(domain))
                 for name, value in scores.items():
-                    metrics[f"{kind}/{name}"] = value
+                    metrics[f"{domain}/{name}"] = value
             trainer.after_evaluation(metrics)
             trainer.history.append(metrics)
         directory = None

@@ -1,20 +1,17 @@
-"""Running one training stage (teacher pretraining, distillation, continued pretraining).
-
-A ``StagePlan`` says in plain values what a stage trains, on which data, from what; two runners share
-the engine loop of ``atm_ray.train.engine``:
+"""The masked-LM stages (teacher pretraining, distillation, continued pretraining), planned from the
+stage table (``atm_ray.train.stage_table``) and run with the engine loop of ``atm_ray.train.engine``:
 
 - ``run_stage``: Ray Train's ``TorchTrainer`` drives one engine per worker; data comes through Ray Data
   (Parquet shards -> one split per worker -> masking collator in the worker); checkpoints hold every
   rank's ZeRO shards; failed workers restart from the last checkpoint.
 - ``run_stage_local``: the same loop in this process, no Ray (GPU checks, benchmarks, ``torchrun``).
 
-Outputs under ``<run_dir>/<stage name>``: ``export/`` (``save_pretrained`` + tokenizer), ``metrics.json``
-(one entry per evaluation), ``metrics.jsonl`` (live), ``manifest.json`` (config hash, inputs, outputs).
+The trainer comes from the stage's objective (``TRAINERS``); what every stage does alike (hash, skip,
+``TorchTrainer``, publishing) lives in ``atm_ray.train.runner``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +24,9 @@ import numpy as np
 import torch
 
 from atm_ray.config import AtmRayError, Config, StageConfig
+from atm_ray.data.prepare import PreparedData, prepare
+from atm_ray.data.tokenizer import load_tokenizer
+from atm_ray.train.distill import DistillTrainer
 from atm_ray.train.engine import (
     EXPORT_DIR,
     HISTORY_FILE,
@@ -43,12 +43,14 @@ from atm_ray.train.engine import (
 )
 from atm_ray.train.faults import ExitAtStep, fault_from_environment
 from atm_ray.train.modeling import build_masked_lm
-from atm_ray.data.prepare import PreparedData
-from atm_ray.data.tokenizer import load_tokenizer
-from atm_ray.utils import atomic_write_json, publish_copy, read_json
+from atm_ray.train.runner import fit_with_ray, publish_stage, stage_hash, up_to_date
+from atm_ray.train.stage_table import DISTILL_STAGES, DOMAINS, PRETRAIN_STAGES, STAGES, Stage, settings_at
+from atm_ray.utils import console_logging, settings_hash
 
 logger = logging.getLogger(__name__)
 
+# which trainer optimises a stage's objective
+TRAINERS = {"mlm": MlmTrainer, "distill": DistillTrainer}
 
 
 @dataclass
@@ -56,7 +58,7 @@ class StagePlan:
     """Everything a worker needs to run one stage, in plain values."""
 
     name: str  # the stage folder, e.g. teacher_stage1
-    kind: str  # "mlm" or "distill"
+    objective: str  # "mlm" or "distill": picks the trainer
     settings_key: str  # where the stage's settings live in the config, e.g. pretrain.stage1
     model: str  # the shape in config.models (used when not initialised from a folder)
     stage_dir: str
@@ -68,7 +70,7 @@ class StagePlan:
     vocab_size: int
     init_from: str | None = None
     teachers: list[str] = field(default_factory=list)
-    unigram_tokens: dict[str, int] = field(default_factory=dict)  # per held-out kind: the plateau's guess
+    unigram_tokens: dict[str, int] = field(default_factory=dict)  # per domain: the plateau's guess
 
 
 @dataclass
@@ -88,87 +90,70 @@ class StageResult:
         return "\n".join(lines)
 
 
-def settings_at(config: Config, key: str) -> StageConfig:
-    """The stage settings at a dotted ``key`` of the config, e.g. ``distill.final``."""
-    node = config
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def stage_settings(config: Config, plan: StagePlan) -> StageConfig:
     return settings_at(config, plan.settings_key)
 
 
-def make_plan(
-    config: Config,
-    prepared: PreparedData,
-    run_dir: Path,
-    *,
-    name: str,
-    kind: str,
-    settings_key: str,
-    model: str,
-    train: str,
-    replay: str | None,
-    replay_fraction: float,
-    upstream: dict[str, str] | None = None,
-) -> StagePlan:
-    """A plan whose hash covers its settings, the prepared data and every upstream stage's hash.
-
-    ``upstream`` maps a role (``init_from``, ``teacher``, ``teacher2``...) to an upstream stage name;
-    those stages must have finished.
-    """
-    stage_dir = run_dir / name
+def make_plan(config: Config, prepared: PreparedData, run_dir: Path, stage: Stage | str) -> StagePlan:
+    """The plan of a row of the stage table (or of a variant of one, as the benchmarks build). Its hash
+    covers its settings, the prepared data and every upstream stage's hash; those stages must have
+    finished."""
+    stage = STAGES[stage] if isinstance(stage, str) else stage
+    if stage.objective not in TRAINERS:
+        raise AtmRayError(f"stage {stage.name}: objective {stage.objective!r} is not a masked-LM stage")
+    settings = settings_at(config, stage.settings_key)
+    replay_fraction = settings_at(config, stage.replay_fraction_key) if stage.replay and stage.replay_fraction_key else 0.0
+    # several teachers are taken in turn only when the stage switches between them
+    teachers = stage.teachers if getattr(settings, "switch", None) else stage.teachers[-1:]
+    stage_dir = run_dir / stage.name
+    model = settings_at(config, stage.model_key)
     sections = {
         "prepare": prepared.manifest["config_hash"],
         "model": config.models[model].model_dump(),
-        "settings": settings_at(config, settings_key).model_dump(),
+        "settings": settings.model_dump(),
         "mask_probability": config.pretrain.mask_probability,
         "seed": config.seed,
         "workers": config.cluster.num_workers,
         "replay_fraction": replay_fraction,
     }
-    init_from, teachers = None, []
-    for role, upstream_name in (upstream or {}).items():
-        upstream_dir = run_dir / upstream_name
-        if not (upstream_dir / "manifest.json").is_file():
-            raise FileNotFoundError(f"{upstream_dir}: stage {upstream_name} has not finished; run it first")
-        sections[f"upstream:{role}"] = read_json(upstream_dir / "manifest.json")["config_hash"]
-        export = str((upstream_dir / EXPORT_DIR).resolve())
-        if role == "init_from":
-            init_from = export
-        else:
-            teachers.append(export)
+    # the role names keep the hashes of runs made before the table existed
+    roles = {"init_from": stage.init_from} if stage.init_from else {}
+    roles.update({("teacher" if index == 0 else f"teacher{index + 1}"): name for index, name in enumerate(teachers)})
+    for role, upstream_name in roles.items():
+        sections[f"upstream:{role}"] = stage_hash(run_dir / upstream_name)
+
+    def export_of(name: str) -> str:
+        return str((run_dir / name / EXPORT_DIR).resolve())
+
     return StagePlan(
-        name=name,
-        kind=kind,
-        settings_key=settings_key,
+        name=stage.name,
+        objective=stage.objective,
+        settings_key=stage.settings_key,
         model=model,
         stage_dir=str(stage_dir.resolve()),
-        config_hash=hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16],
-        train_dir=str(prepared.shard_dir(train, "train").resolve()),
-        replay_dir=str(prepared.shard_dir(replay, "train").resolve()) if replay and replay_fraction > 0 else None,
-        replay_fraction=replay_fraction if replay else 0.0,
-        heldout_dirs={kind_: str(prepared.shard_dir(kind_, "heldout").resolve()) for kind_ in ("written", "spoken")},
+        config_hash=settings_hash(sections),
+        train_dir=str(prepared.shard_dir(stage.train, "train").resolve()),
+        replay_dir=str(prepared.shard_dir(stage.replay, "train").resolve()) if stage.replay and replay_fraction > 0 else None,
+        replay_fraction=replay_fraction if stage.replay else 0.0,
+        heldout_dirs={domain: str(prepared.shard_dir(domain, "heldout").resolve()) for domain in DOMAINS},
         vocab_size=prepared.vocab_size,
-        init_from=init_from,
-        teachers=teachers,
+        init_from=export_of(stage.init_from) if stage.init_from else None,
+        teachers=[export_of(name) for name in teachers],
         unigram_tokens=prepared.unigram_tokens(),
     )
 
 
 def finished(plan: StagePlan) -> StageResult | None:
+    manifest = up_to_date(plan.stage_dir, plan.config_hash)
+    if manifest is None:
+        return None
     stage_dir = Path(plan.stage_dir)
-    manifest = stage_dir / "manifest.json"
-    if manifest.is_file() and read_json(manifest).get("config_hash") == plan.config_hash:
-        return StageResult(stage_dir, stage_dir / EXPORT_DIR, read_json(manifest).get("metrics", {}), skipped=True)
-    return None
+    return StageResult(stage_dir, stage_dir / EXPORT_DIR, manifest.get("metrics", {}), skipped=True)
 
 
 def build_trainer(config: Config, plan: StagePlan) -> tuple[MlmTrainer, float]:
-    """The stage's model inside its engine (a distillation trainer for distillation stages), and the
-    fingerprint of the weights it starts from."""
+    """The stage's model inside the trainer of its objective, and the fingerprint of the weights it
+    starts from."""
     settings = stage_settings(config, plan)
     torch.manual_seed(config.seed)
     if plan.init_from:
@@ -181,22 +166,21 @@ def build_trainer(config: Config, plan: StagePlan) -> tuple[MlmTrainer, float]:
             )
     else:
         model = build_masked_lm(config.models[plan.model], plan.vocab_size, seed=config.seed)
-    if plan.kind == "distill":
-        from atm_ray.train.distill import DistillTrainer
-
-        trainer = DistillTrainer(model, settings, plan.teachers, plan.vocab_size, config.pretrain.mask_probability, config.seed)
+    mask_probability = config.pretrain.mask_probability
+    if plan.objective == "distill":
+        trainer = DistillTrainer(model, settings, plan.teachers, plan.vocab_size, mask_probability, config.seed)
     else:
-        trainer = MlmTrainer(model, settings.engine, settings.steps, plan.vocab_size, config.pretrain.mask_probability, config.seed)
-    return trainer, parameter_checksum(getattr(trainer.engine.module, "student", trainer.engine.module))
+        trainer = MlmTrainer(model, settings.engine, settings.steps, plan.vocab_size, mask_probability, config.seed)
+    return trainer, parameter_checksum(trainer.export_module())
 
 
 def heldout_rows(plan: StagePlan, stage: StageConfig) -> dict[str, dict[str, np.ndarray]]:
     """The held-out rows every evaluation scores (the same ones each time)."""
     limit = stage.eval_batches * LoopSettings.eval_batch_size
     rows = {}
-    for kind, directory in plan.heldout_dirs.items():
+    for domain, directory in plan.heldout_dirs.items():
         columns = read_rows(directory)
-        rows[kind] = {name: column[:limit] for name, column in columns.items()}
+        rows[domain] = {name: column[:limit] for name, column in columns.items()}
     return rows
 
 
@@ -225,7 +209,7 @@ def _append_metrics_log(stage_dir: str, metrics: dict, steps: int) -> None:
     shown = [f"{name} {metrics[name]:.4g}" for name in ("train_loss", "written/perplexity", "spoken/perplexity",
                                                            "spoken/mask_fill_accuracy", "spoken/unigram_mask_fill_accuracy")
              if name in metrics]
-    print(f"[{Path(stage_dir).name}] step {metrics['step']}/{steps}: {', '.join(shown)}", flush=True)
+    logger.info("[%s] step %d/%d: %s", Path(stage_dir).name, metrics["step"], steps, ", ".join(shown))
 
 
 # ---------------------------------------------------------------------- Ray Train
@@ -251,6 +235,8 @@ def stage_train_worker(loop_config: dict) -> None:
     """Ray Train's per-worker function: build the engine, resume if asked, run the loop."""
     import ray.train
 
+    console_logging()  # rank 0's progress lines reach the driver's console through Ray's log forwarding
+
     config = Config.model_validate(loop_config["config"])
     plan = StagePlan(**loop_config["plan"])
     settings = stage_settings(config, plan)
@@ -264,7 +250,7 @@ def stage_train_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             position = trainer.load_checkpoint(directory)
         if rank == 0:
-            print(f"[{plan.name}] resumed from the checkpoint of step {trainer.step}", flush=True)
+            logger.info("[%s] resumed from the checkpoint of step %d", plan.name, trainer.step)
     resumed_from = trainer.step
 
     primary_size, replay_size = split_batch_size(settings.engine.micro_batch_size, plan.replay_fraction)
@@ -292,37 +278,6 @@ def stage_train_worker(loop_config: dict) -> None:
     torch.distributed.barrier()
 
 
-def init_ray(address: str | None = None, dashboard: bool = True) -> None:
-    """Join ``address`` (or the cluster of a submitted job), else start a local Ray for this program,
-    with its dashboard on 127.0.0.1: Ray's state API lives there, and Ray Train V2's placement-group
-    cleaner polls it after every run (without it, each stage leaves a cleaner that warns forever that the
-    state API is unavailable, and cannot free a dead run's workers; Tune needs it for trials ASHA stops)."""
-    import ray
-
-    environment = {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        # Ray Train V2 waits for the controller's poll on every report; poll often.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-        "TOKENIZERS_PARALLELISM": "false",
-        # models are built from config and loaded from local folders, never fetched from a hub
-        "HF_HUB_OFFLINE": "1",
-    }
-    if not torch.cuda.is_available():
-        environment["DS_ACCELERATOR"] = "cpu"
-    # What the user or a submitted job's runtime env already sets wins; Ray refuses to merge a
-    # variable that both the job and ray.init set.
-    runtime_env = {"env_vars": {name: value for name, value in environment.items() if name not in os.environ}}
-    for name, value in environment.items():
-        os.environ.setdefault(name, value)
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-    else:
-        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 logging_level=logging.WARNING)
-
-
 # corpora up to this size are read by the driver and put in the object store whole: Ray Data's read
 # tasks cost 4-12 s of worker start-up per stage on a small machine, more than reading them takes
 DRIVER_READ_BYTES = 64 * 2**20
@@ -342,73 +297,45 @@ def worker_splits(directory: str, workers: int) -> list:
 def run_stage(config: Config, plan: StagePlan, prepared: PreparedData, callbacks: list | None = None) -> StageResult:
     """Run (or resume, or skip when finished) one stage under Ray Train (``callbacks``: Ray Train
     callbacks, e.g. Tune's ``TuneReportCallback`` when a sweep trial runs the stage)."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     done = finished(plan)
     if done:
-        logger.info("%s: up to date in %s", plan.name, plan.stage_dir)
         return done
-    stage_dir = Path(plan.stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    settings = stage_settings(config, plan)
-    cluster = config.cluster
-    init_ray(cluster.address)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    Path(plan.stage_dir).mkdir(parents=True, exist_ok=True)
+    from atm_ray.cluster import init_ray
 
-    workers = cluster.num_workers
-    train_shards = worker_splits(plan.train_dir, workers)
-    replay_shards = worker_splits(plan.replay_dir, workers) if plan.replay_dir else None
-    resources = {"CPU": cluster.cpus_per_worker}
-    if cluster.use_gpu:
-        resources["GPU"] = cluster.gpus_per_worker or 1
-    trainer = TorchTrainer(
-        stage_train_worker,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "plan": asdict(plan),
-            "train_shards": train_shards,
-            "replay_shards": replay_shards,
-            "heldout": heldout_rows(plan, settings),
-            "fail": fault_from_environment(plan.stage_dir),
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cluster.use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            # the hash in the name: a changed config starts afresh, the same one resumes
-            name=f"{config.name}-{plan.name}-{plan.config_hash}",
-            storage_path=cluster.storage_path or str(stage_dir / "ray"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
-            callbacks=callbacks,
-        ),
+    init_ray(config.cluster.address)  # the shards below are Ray Datasets
+    workers = config.cluster.num_workers
+    loop_config = {
+        "config": config.model_dump(mode="json"),
+        "plan": asdict(plan),
+        "train_shards": worker_splits(plan.train_dir, workers),
+        "replay_shards": worker_splits(plan.replay_dir, workers) if plan.replay_dir else None,
+        "heldout": heldout_rows(plan, stage_settings(config, plan)),
+        "fail": fault_from_environment(plan.stage_dir),
+    }
+    result = fit_with_ray(
+        config, stage_train_worker, loop_config, stage_dir=plan.stage_dir, name=plan.name,
+        config_hash=plan.config_hash, num_workers=workers, callbacks=callbacks,
     )
-    logger.info("%s: %d workers, %d steps, run folder %s", plan.name, workers, settings.steps, stage_dir)
-    result = trainer.fit()
     with result.checkpoint.as_directory() as directory:
         return _finish_stage(plan, prepared, Path(directory), result.checkpoint.path)
 
 
 def _finish_stage(plan: StagePlan, prepared: PreparedData, final_checkpoint: Path, checkpoint_uri: str) -> StageResult:
-    """Copy the export out of the final checkpoint, add the tokenizer, write metrics and the manifest."""
-    stage_dir = Path(plan.stage_dir)
-    export_dir = stage_dir / EXPORT_DIR
-    with publish_copy(final_checkpoint / EXPORT_DIR, export_dir) as staging:
-        load_tokenizer(prepared.tokenizer_dir).save_pretrained(str(staging))
+    """Publish the export of the final checkpoint with the tokenizer, its metrics and the manifest."""
     history = json.loads((final_checkpoint / HISTORY_FILE).read_text())
-    atomic_write_json(stage_dir / "metrics.json", history)
     metrics = history[-1] if history else {}
-    atomic_write_json(
-        stage_dir / "manifest.json",
-        {
-            "stage": plan.name,
-            "config_hash": plan.config_hash,
-            "inputs": {"train": plan.train_dir, "replay": plan.replay_dir, "init_from": plan.init_from},
-            "outputs": {"export": str(export_dir), "checkpoint": checkpoint_uri},
-            "metrics": metrics,
-        },
-    )
-    return StageResult(stage_dir, export_dir, metrics)
+    manifest = {
+        "stage": plan.name,
+        "config_hash": plan.config_hash,
+        "inputs": {"train": plan.train_dir, "replay": plan.replay_dir, "init_from": plan.init_from, "teachers": plan.teachers},
+        "outputs": {"checkpoint": checkpoint_uri},
+        "metrics": metrics,
+    }
+    with publish_stage(plan.stage_dir, final_checkpoint, history, manifest) as staging:
+        load_tokenizer(prepared.tokenizer_dir).save_pretrained(str(staging))
+    stage_dir = Path(plan.stage_dir)
+    return StageResult(stage_dir, stage_dir / EXPORT_DIR, metrics)
 
 
 # ---------------------------------------------------------------------- without Ray
@@ -430,7 +357,7 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
     latest = sorted(checkpoints.glob("step-*"), key=lambda path: int(path.name.split("-")[1]))
     if latest:
         position = trainer.load_checkpoint(latest[-1])
-        print(f"[{plan.name}] resumed from the checkpoint of step {trainer.step}", flush=True)
+        logger.info("[%s] resumed from the checkpoint of step %d", plan.name, trainer.step)
     resumed_from = trainer.step
     rank, world = trainer.rank, trainer.world_size
     primary_size, replay_size = split_batch_size(settings.engine.micro_batch_size, plan.replay_fraction)
@@ -474,3 +401,29 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
     if rank != 0:  # one rank publishes the export
         return StageResult(stage_dir, stage_dir / EXPORT_DIR, {})
     return _finish_stage(plan, prepared, final, str(final))
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def run_stages(config: Config, names: tuple[str, ...], run_dir: Path | None = None, use_ray: bool = True) -> list[StageResult]:
+    """Prepare (or reuse) the data, then run the named stages of the table in order, each planned once
+    the one before it has finished."""
+    run_dir = Path(run_dir or config.resolved_run_dir())
+    prepared = prepare(config, run_dir)
+    runner = run_stage if use_ray else run_stage_local
+    return [runner(config, make_plan(config, prepared, run_dir, name), prepared) for name in names]
+
+
+def run_pretrain_stage(config: Config, stage: int, run_dir: Path | None = None, use_ray: bool = True) -> StageResult:
+    """Teacher pretraining Stage 1 (written text) or 2 (spoken, from the Stage-1 weights)."""
+    if stage not in PRETRAIN_STAGES:
+        raise AtmRayError(f"--stage must be one of {sorted(PRETRAIN_STAGES)}, not {stage!r}")
+    return run_stages(config, PRETRAIN_STAGES[stage], run_dir, use_ray)[-1]
+
+
+def run_distill(config: Config, student: str, run_dir: Path | None = None, use_ray: bool = True) -> list[StageResult]:
+    """``intermediate``: distillation then in-domain continuation; ``final``: the final distillation."""
+    if student not in DISTILL_STAGES:
+        raise AtmRayError(f"--student must be one of {sorted(DISTILL_STAGES)}, not {student!r}")
+    return run_stages(config, DISTILL_STAGES[student], run_dir, use_ray)

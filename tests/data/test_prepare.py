@@ -15,15 +15,15 @@ def test_tiny_prepare_outputs(tiny_prepared):
     assert manifest["vocab_size"] <= config.tokenizer.vocab_size
     tokenizer = AutoTokenizer.from_pretrained(str(prepared.tokenizer_dir))
     assert len(tokenizer) == manifest["vocab_size"]
-    for kind in ("written", "spoken"):
+    for domain in ("written", "spoken"):
         for split in ("train", "heldout"):
-            table = pq.read_table(str(prepared.shard_dir(kind, split)))
-            assert table.num_rows == manifest["counts"][kind][split]["rows"] > 0
+            table = pq.read_table(str(prepared.shard_dir(domain, split)))
+            assert table.num_rows == manifest["counts"][domain][split]["rows"] > 0
             ids = np.asarray(table["input_ids"].to_pylist())
             assert ids.shape[1] == config.data.max_seq_len
             assert (ids[:, 0] == tokenizer.bos_token_id).all()
             assert ids.max() < manifest["vocab_size"]
-        heldout = pq.read_table(str(prepared.shard_dir(kind, "heldout")))
+        heldout = pq.read_table(str(prepared.shard_dir(domain, "heldout")))
         noun_share = np.asarray(heldout["noun_mask"].to_pylist()).sum() / (np.asarray(heldout["input_ids"].to_pylist()) > 4).sum()
         # UD (UPOS) and SLURP (PTB) held-out text carries POS tags: a good share of sub-words are nouns
         assert 0.15 < noun_share < 0.6

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from conftest import clean_environment, free_port
 
 from atm_ray.serve.ab import Arm, ArmRouter, Ledger, two_proportion_test, wilson_interval
 from atm_ray.serve.api import BatchRequest, ClientError, FeedbackRequest, ParseRequest, decode_json_body, validate
@@ -43,10 +44,10 @@ def test_report_statistics_by_hand():
     assert test["z"] == pytest.approx(1.980, abs=1e-3) and test["p_value"] == pytest.approx(0.0477, abs=1e-3)
     ledger = Ledger(["A", "B"])
     ledger.record([
-        {"kind": "request", "arm": "A", "request_id": "r1", "latency_ms": 3.0, "intent": "play"},
-        {"kind": "request", "arm": "B", "request_id": "r2", "latency_ms": 5.0, "intent": "play"},
-        {"kind": "batch", "arm": "A", "size": 4},
-        {"kind": "shadow", "intent_agrees": True, "frame_agrees": False},
+        {"event": "request", "arm": "A", "request_id": "r1", "latency_ms": 3.0, "intent": "play"},
+        {"event": "request", "arm": "B", "request_id": "r2", "latency_ms": 5.0, "intent": "play"},
+        {"event": "batch", "arm": "A", "size": 4},
+        {"event": "shadow", "intent_agrees": True, "frame_agrees": False},
     ])
     assert ledger.add_feedback("r1", satisfied=False) == "ok"
     assert ledger.add_feedback("r1", satisfied=True) == "duplicate"
@@ -123,9 +124,9 @@ def test_arm_arguments(tmp_path):
 def test_ledger_state_round_trips(tmp_path):
     """What the A/B ledger deployment writes to its state_dir brings back every count and verdict."""
     ledger = Ledger(["A", "B"])
-    ledger.record([{"kind": "request", "arm": arm, "request_id": f"r{index}", "latency_ms": float(index), "intent": "play"}
-                   for index, arm in enumerate("AABAB")] + [{"kind": "error", "arm": "B"}, {"kind": "batch", "arm": "A", "size": 3},
-                                                           {"kind": "shadow", "intent_agrees": True, "frame_agrees": True}])
+    ledger.record([{"event": "request", "arm": arm, "request_id": f"r{index}", "latency_ms": float(index), "intent": "play"}
+                   for index, arm in enumerate("AABAB")] + [{"event": "error", "arm": "B"}, {"event": "batch", "arm": "A", "size": 3},
+                                                           {"event": "shadow", "intent_agrees": True, "frame_agrees": True}])
     assert ledger.add_feedback("r0", satisfied=False) == "ok"
     restored = Ledger.from_state(["A", "B"], json.loads(json.dumps(ledger.state())))
     assert restored.report() == ledger.report()
@@ -138,12 +139,6 @@ def test_ledger_state_round_trips(tmp_path):
 
 
 # ---------------------------------------------------------------------- a real Serve application
-
-
-def _free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
 
 
 def _deploy(models, weights=(90, 10), **settings):
@@ -169,7 +164,7 @@ def _deploy(models, weights=(90, 10), **settings):
 def endpoint(nlu_models, local_ray):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
     _deploy(nlu_models)
     yield f"http://127.0.0.1:{port}"
@@ -539,15 +534,13 @@ def test_ab_state_survives_replicas_restarts_redeploys_and_new_splits(endpoint, 
 def test_cli_serve_stops_cleanly_on_sigterm(nlu_models, tmp_path):
     """`atm-ray serve` (its own local Ray, HAProxy ingress by default) answers, logs no line per request,
     and exits 0 on SIGTERM, after which its A/B state is on disk."""
-    import os
     import signal
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("RAY_SERVE_")}
-    environment.pop("RAY_ADDRESS", None)
+    environment = clean_environment()
     with open(log, "w") as handle:
         process = subprocess.Popen(
             [sys.executable, "-m", "atm_ray.cli", "serve", "--model", f"A={nlu_models['A']}", "--port", str(port),

@@ -1,20 +1,22 @@
 """The DeepSpeed engine loop without Ray (real DeepSpeed, CPU, gloo, one process)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import clean_environment
 from transformers import AutoModelForMaskedLM
 
 from atm_ray.config import EngineConfig, load_config
 from atm_ray.train.faults import FAULT_EXIT_CODE
-from atm_ray.train.engine import MlmTrainer, RowSource, deepspeed_config, endless, read_rows, split_batch_size, warmup_linear_decay
+from atm_ray.train.engine import (
+    MlmTrainer, RowSource, deepspeed_config, endless, init_single_process_group, read_rows, split_batch_size,
+)
 from atm_ray.train.modeling import build_masked_lm
-from atm_ray.train.pretrain import run_pretrain_stage_local
+from atm_ray.train.stages import run_pretrain_stage
 
 SHORT_RUN = [
     "pretrain.stage1.steps=12",
@@ -23,8 +25,9 @@ SHORT_RUN = [
     "pretrain.stage1.engine.micro_batch_size=8",
     "pretrain.stage1.engine.warmup_steps=2",
 ]
-# Recorded on this CPU with seed 0 (fp32, ZeRO-0; tiny recipe of 2026-11-28): train loss at steps 4, 8, 12.
-RECORDED_LOSSES = [6.8521, 6.5169, 6.4295]
+# Recorded on this CPU with seed 0 (fp32, ZeRO-0; tiny recipe, transformers' linear warm-up schedule, 2026-11-28):
+# train loss at steps 4, 8, 12.
+RECORDED_LOSSES = [6.8699, 6.5619, 6.4596]
 
 
 def _short_config(tmp_path, run_name, *overrides):
@@ -49,7 +52,7 @@ def _run(prepared_run, name, *overrides):
     if not (run_dir / "prepare").exists():
         shutil.copytree(prepared_run / "prepared" / "prepare", run_dir / "prepare")
     config = load_config("tiny", [f"run_dir={run_dir}", *SHORT_RUN, *overrides])
-    result = run_pretrain_stage_local(config, 1)
+    result = run_pretrain_stage(config, 1, use_ray=False)
     return json.loads((result.stage_dir / "metrics.json").read_text()), result
 
 
@@ -82,9 +85,8 @@ def test_killed_run_resumes_and_matches_uninterrupted(prepared_run):
 
     shutil.copytree(prepared_run / "prepared" / "prepare", run_dir / "prepare")
     command = [sys.executable, "-m", "atm_ray.cli", "pretrain", "--stage", "1", "--no-ray", "--run-dir", str(run_dir), *SHORT_RUN]
-    # a fresh process group: drop the rendezvous variables this test process set for itself
-    distributed = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
-    environment = {key: value for key, value in os.environ.items() if key not in distributed}
+    # a fresh process group: without the rendezvous variables this test process set for itself
+    environment = clean_environment()
     environment["ATM_RAY_FAIL_AT_STEP"] = "10"
     crashed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == FAULT_EXIT_CODE, crashed.stderr[-3000:]
@@ -105,6 +107,7 @@ def test_export_loads_and_gives_the_engines_logits(prepared_run, tmp_path):
 
     prepared = PreparedData(prepared_run / "prepared" / "prepare")
     config = load_config("tiny")
+    init_single_process_group()
     engine_config = EngineConfig(micro_batch_size=4, warmup_steps=1)
     model = build_masked_lm(config.models["teacher"], prepared.vocab_size, seed=0)
     trainer = MlmTrainer(model, engine_config, total_steps=3, vocab_size=prepared.vocab_size)
@@ -130,9 +133,23 @@ def test_deepspeed_config_and_schedule():
     assert config["bf16"] == {"enabled": True} and "optimizer" not in config
     assert deepspeed_config(EngineConfig(precision="autocast_bf16"), 1)["torch_autocast"]["dtype"] == "bfloat16"
     assert deepspeed_config(EngineConfig(optimizer="fused_adam"), 1)["optimizer"]["type"] == "AdamW"
-    factor = warmup_linear_decay(warmup_steps=10, total_steps=110)
-    assert factor(0) < factor(5) < factor(9) <= 1.0
-    assert factor(10) == 1.0 and factor(60) == pytest.approx(0.5) and factor(110) == 0.0
+
+
+def test_engine_learning_rate_follows_linear_warmup_then_decay(prepared_run):
+    """The engine steps transformers' linear schedule: up over the warm-up, down to zero at the end."""
+    from atm_ray.data.prepare import PreparedData
+
+    prepared = PreparedData(prepared_run / "prepared" / "prepare")
+    init_single_process_group()
+    engine_config = EngineConfig(micro_batch_size=4, warmup_steps=10, learning_rate=1e-3)
+    model = build_masked_lm(load_config("tiny").models["final"], prepared.vocab_size, seed=0)
+    trainer = MlmTrainer(model, engine_config, total_steps=110, vocab_size=prepared.vocab_size)
+    rates = []
+    for _ in range(111):
+        rates.append(trainer.learning_rate)
+        trainer.scheduler.step()
+    assert rates[0] < rates[5] < rates[9] < rates[10] == pytest.approx(1e-3)
+    assert rates[60] == pytest.approx(0.5e-3) and rates[110] == 0.0
 
 
 def test_replay_batch_split():

@@ -8,7 +8,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from atm_ray.config import load_config
 from atm_ray.train.engine import parameter_checksum
-from atm_ray.train.pretrain import run_pretrain_stage
+from atm_ray.train.stages import run_pretrain_stage
 from atm_ray.train.faults import FAIL_AT_STEP_ENV
 
 pytestmark = pytest.mark.slow
@@ -47,10 +47,10 @@ def test_stage1_trains_with_two_workers_that_agree(stage1):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     # data parallelism: both ranks hold identical weights at every evaluation
     assert all(entry["replica_divergence"] == 0.0 for entry in history)
-    for kind in ("written", "spoken"):
-        assert history[-1][f"{kind}/perplexity"] > 1
-        assert 0 <= history[-1][f"{kind}/mask_fill_accuracy"] <= 1
-        assert history[-1][f"{kind}/noun_masked_tokens"] > 0
+    for domain in ("written", "spoken"):
+        assert history[-1][f"{domain}/perplexity"] > 1
+        assert 0 <= history[-1][f"{domain}/mask_fill_accuracy"] <= 1
+        assert history[-1][f"{domain}/noun_masked_tokens"] > 0
     assert history[-1]["tokens_per_second"] > 0
     manifest = json.loads((result.stage_dir / "manifest.json").read_text())
     assert manifest["stage"] == "teacher_stage1" and manifest["metrics"]["step"] == 20

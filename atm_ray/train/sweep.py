@@ -22,7 +22,6 @@ last checkpoint).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -35,7 +34,9 @@ from pathlib import Path
 import yaml
 
 from atm_ray.config import DOWNSTREAM_METRICS, HELDOUT_DIRECTIONS, LOSS_TERMS, Config, ConfigError, SweepConfig, apply_override
-from atm_ray.utils import atomic_write_json, atomic_write_text, read_json
+from atm_ray.train.runner import stage_hash
+from atm_ray.train.stage_table import DISTILL_STAGES, PREPARE, ancestors
+from atm_ray.utils import atomic_write_json, atomic_write_text, read_json, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def sweep_hash(config: Config, upstream_hash: str) -> str:
         "upstream": upstream_hash,
         "seed": config.seed,
     }
-    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_hash(sections)
 
 
 def param_space(sweep: SweepConfig) -> dict:
@@ -133,9 +134,8 @@ def run_trial(trial_params: dict, context: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from atm_ray.train.distill import plan_distill_stages
     from atm_ray.data.prepare import PreparedData
-    from atm_ray.train.stages import run_stage
+    from atm_ray.train.stages import make_plan, run_stage
 
     params = trial_params["params"]
     student = context["student"]
@@ -146,7 +146,7 @@ def run_trial(trial_params: dict, context: dict) -> None:
         handle.write(json.dumps({"trial_id": trial_id, "params": params, "time": time.time()}) + "\n")
 
     prepared = PreparedData(run_dir / "prepare")
-    (plan,) = plan_distill_stages(config, student, prepared, run_dir)
+    plan = make_plan(config, prepared, run_dir, DISTILL_STAGES[student][0])  # the distillation, not what follows it
     plan = replace(plan, stage_dir=str((sweep_dir / "trials" / trial_id).resolve()))
     result = run_stage(config, plan, prepared, callbacks=[TuneReportCallback()])
     final = {**result.metrics}
@@ -195,18 +195,12 @@ class SweepResult:
 
 def ensure_upstream(config: Config, student: str, run_dir: Path) -> str:
     """Run (or skip, when finished) the stages a sweep's trials need; returns their combined hash."""
-    from atm_ray.train.distill import run_distill
-    from atm_ray.data.prepare import prepare
-    from atm_ray.train.pretrain import run_pretrain_stage
+    from atm_ray.train.stages import run_stages
 
-    prepare(config, run_dir)
-    for stage in (1, 2):
-        run_pretrain_stage(config, stage, run_dir)
-    if student == "final":
-        run_distill(config, "intermediate", run_dir)
-    upstream = ["prepare", "teacher_stage1", "teacher_stage2"] + (["intermediate_continue"] if student == "final" else [])
-    hashes = [read_json(run_dir / name / "manifest.json")["config_hash"] for name in upstream]
-    return hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
+    upstream = ancestors(DISTILL_STAGES[student][0])
+    run_stages(config, upstream, run_dir)
+    hashes = [stage_hash(run_dir / name) for name in [PREPARE, *upstream]]
+    return settings_hash({"upstream": hashes})
 
 
 def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = None, fresh: bool = False) -> SweepResult:
@@ -215,7 +209,7 @@ def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = No
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from atm_ray.train.stages import init_ray
+    from atm_ray.cluster import init_ray
 
     sweep = config.sweep
     check_sweep(config)
@@ -229,11 +223,11 @@ def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = No
         # (a finished sweep needs no Ray: its outputs are rebuilt from its records)
         init_ray(config.cluster.address)
     upstream_hash = ensure_upstream(config, sweep.student, run_dir)
-    settings_hash = sweep_hash(config, upstream_hash)
+    config_hash = sweep_hash(config, upstream_hash)
     if state is not None:
-        if state["config_hash"] != settings_hash:
+        if state["config_hash"] != config_hash:
             raise ConfigError(
-                f"{sweep_dir} holds a sweep with other settings (hash {state['config_hash']}, now {settings_hash}); "
+                f"{sweep_dir} holds a sweep with other settings (hash {state['config_hash']}, now {config_hash}); "
                 "pass --name for a new sweep, or --fresh to replace it"
             )
         if state.get("finished"):
@@ -241,7 +235,7 @@ def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = No
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
         state_file,
-        {"config_hash": settings_hash, "student": sweep.student, "sweep": sweep.model_dump(mode="json"), "finished": False},
+        {"config_hash": config_hash, "student": sweep.student, "sweep": sweep.model_dump(mode="json"), "finished": False},
     )
 
     stage_steps = sweep.steps or getattr(config.distill, sweep.student).steps
@@ -263,7 +257,7 @@ def run_sweep(config: Config, run_dir: Path | None = None, name: str | None = No
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": sweep.cpus_per_trial})
     experiment = sweep_dir / EXPERIMENT
     if tune.Tuner.can_restore(str(experiment)):
-        print(f"[sweep] resuming the interrupted sweep in {sweep_dir}", flush=True)
+        logger.info("[sweep] resuming the interrupted sweep in %s", sweep_dir)
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:
         tuner = tune.Tuner(
@@ -314,10 +308,9 @@ def _concurrency(sweep) -> int:
     cpus = ray.cluster_resources().get("CPU", 0)
     fits = max(1, int(cpus / per_trial + 1e-9))
     if fits < sweep.max_concurrent_trials:
-        print(
-            f"[sweep] {sweep.max_concurrent_trials} concurrent trials need {sweep.max_concurrent_trials * per_trial:g} CPUs, "
-            f"the cluster has {cpus:g}: running {fits} at a time",
-            flush=True,
+        logger.info(
+            "[sweep] %d concurrent trials need %g CPUs, the cluster has %g: running %d at a time",
+            sweep.max_concurrent_trials, sweep.max_concurrent_trials * per_trial, cpus, fits,
         )
     return min(fits, sweep.max_concurrent_trials)
 
