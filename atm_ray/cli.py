@@ -196,6 +196,18 @@ def command_serve(args) -> None:
         print("stopped", flush=True)
 
 
+def command_predict(args) -> None:
+    from atm_ray.nlu.predict import predict_file
+
+    use_ray = True if args.ray else False if args.no_ray else None
+    summary = predict_file(
+        args.model, args.input, args.output, use_ray=use_ray, on_error=args.on_error,
+        quantize=None if args.quantize == "none" else args.quantize, top_k=args.top_k, batch_size=args.batch_size,
+        actors=args.actors, threads_per_actor=args.threads_per_actor, address=args.address,
+    )
+    print(summary.summary())
+
+
 def command_pipeline(args) -> None:
     from atm_ray.pipeline import run_pipeline
 
@@ -301,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--detach", action="store_true", help="return once deployed (with --address)")
     serve_parser.set_defaults(handler=command_serve)
 
+    predict_parser = commands.add_parser("predict", help="parse every utterance of a file (text, JSONL, Parquet) with a fine-tuned model")
+    predict_parser.add_argument("--model", type=Path, required=True, help="a fine-tuned export folder")
+    predict_parser.add_argument("--input", type=Path, required=True, help=".txt (one utterance a line), .jsonl ('text' field) or .parquet ('text' column)")
+    predict_parser.add_argument("--output", type=Path, required=True, help=".jsonl or .parquet: the endpoint's fields per utterance")
+    predict_parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                                help="a malformed input line stops the run (default) or is skipped and reported")
+    backend = predict_parser.add_mutually_exclusive_group()
+    backend.add_argument("--ray", action="store_true", help="Ray Data with a pool of model actors (default above 20,000 utterances)")
+    backend.add_argument("--no-ray", action="store_true", help="in this process")
+    predict_parser.add_argument("--actors", type=int, default=2, help="model actors under Ray")
+    predict_parser.add_argument("--threads-per-actor", type=int, default=1)
+    predict_parser.add_argument("--batch-size", type=int, default=64)
+    predict_parser.add_argument("--quantize", choices=("int8", "none"), default="int8")
+    predict_parser.add_argument("--top-k", type=int, default=3, help="intents in each answer's ranking")
+    predict_parser.add_argument("--address", default=None, help="a running Ray cluster (implies --ray)")
+    predict_parser.set_defaults(handler=command_predict)
+
     pipeline_parser = commands.add_parser("pipeline", help="every stage, skipping those already done")
     _add_common(pipeline_parser)
     pipeline_parser.set_defaults(handler=command_pipeline)
@@ -322,9 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console_logging(args.verbose)
+    command = " ".join(["atm-ray", *(argv if argv is not None else sys.argv[1:])])
+    run_dir = None
     try:
         if args.command in WRITES_RUN_FOLDER:
-            with run_folder_lock(_config(args).resolved_run_dir(), " ".join(["atm-ray", *(argv or sys.argv[1:])])):
+            run_dir = _config(args).resolved_run_dir()
+            with run_folder_lock(run_dir, command):
                 code = args.handler(args)
         else:
             code = args.handler(args)
@@ -333,7 +365,40 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"atm-ray: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\natm-ray: interrupted." + (
+            " Finished stages are kept and the interrupted one resumes from its last checkpoint; to go on, run again:\n"
+            f"  {command}" if run_dir else ""), file=sys.stderr)
+        return 130
+    except Exception as error:  # a failed stage (a worker's error comes through Ray Train) or a bug
+        if args.verbose:
+            raise
+        print(f"atm-ray: {args.command} failed: {_reason(error)}", file=sys.stderr)
+        print(f"atm-ray: the whole traceback is in {_save_traceback(run_dir)}"
+              + (f"; the stages' own logs in {Path(run_dir) / 'logs'}" if run_dir else "") + " (-v shows everything here)",
+              file=sys.stderr)
+        return 1
     return code or 0
+
+
+def _reason(error: BaseException) -> str:
+    """One line: the innermost cause's last line (a worker's exception, not Ray's wrapping of it)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+def _save_traceback(run_dir: Path | None) -> Path:
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(run_dir) / "logs" if run_dir else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"atm-ray-error-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    path.write_text(traceback.format_exc())
+    return path
 
 
 if __name__ == "__main__":

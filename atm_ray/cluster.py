@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from atm_ray.utils import VERBOSE_ENV
+
 
 def init_ray(address: str | None = None, dashboard: bool = True) -> None:
     """Join ``address`` (or the cluster of a submitted job), else start a local Ray for this program,
@@ -31,8 +33,10 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> None:
         os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
+    # the workers' own output goes to <run>/logs/<stage>.log; with -v it comes to this console too
+    log_to_driver = os.environ.get(VERBOSE_ENV) == "1"
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     else:
         ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, log_to_driver=log_to_driver)

@@ -316,6 +316,17 @@ class PretrainConfig(Strict):
     stage2: StageConfig
 
 
+class TrackingConfig(Strict):
+    """Where every training stage's parameters, metrics and export are recorded besides its folder:
+    TensorBoard event files under ``<run>/<stage>/tensorboard`` (live), and MLflow when ``mlflow_uri`` is
+    set (``pip install atm-ray[mlflow]``; e.g. ``file:///abs/path/mlruns``, ``sqlite:///mlflow.db``,
+    ``http://host:5000``), one MLflow run per stage when it finishes."""
+
+    tensorboard: bool = True
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "atm-ray"
+
+
 class Config(Strict):
     name: str
     seed: int = 0
@@ -328,6 +339,7 @@ class Config(Strict):
     finetune: FinetuneConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _models_exist(self) -> "Config":

@@ -43,7 +43,7 @@ def run_pipeline(config: Config, run_dir: Path | None = None) -> Path:
     logger.info("[pipeline] preset %s, run folder %s", config.name, run_dir.resolve())
     announce("prepare: tokenizer and MLM shards")
     prepared = prepare(config, run_dir)
-    logger.info("%s", format_summary(prepared))
+    logger.debug("%s", format_summary(prepared))  # `atm-ray prepare` prints it whole
 
     for name in MASKED_LM_STAGES:
         announce(f"{name}: {STAGES[name].description}")

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 
+VERBOSE_ENV = "ATM_RAY_VERBOSE"  # "1": workers' own output comes to the console too (``-v``)
+
+
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stdout`` is at the time (a test's captured output, a redirected job log)."""
 
@@ -40,6 +43,8 @@ def console_logging(verbose: bool = False) -> None:
         ours.addHandler(handler)
         ours.propagate = False
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # Ray workers inherit it (init_ray passes it on)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -31,6 +31,26 @@ def free_port() -> int:
         return handle.getsockname()[1]
 
 
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``directory``: tag -> [(step, value)], read
+    record by record (length, CRC, Event proto, CRC), without TensorBoard itself."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 # Every training stage of the tiny preset cut to a few steps (the teacher switch happens on the first
 # evaluation without a gain of 100, that is the second one).
 SHORT_STAGES = [

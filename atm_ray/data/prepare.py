@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,14 +137,29 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
         manifest_path.unlink()
     output.root.mkdir(parents=True, exist_ok=True)
 
+    # progress bars on a terminal; in a log file they are noise
+    were_disabled = datasets.are_progress_bars_disabled()
+    bars = sys.stderr.isatty() and not were_disabled
+    if not bars:
+        datasets.disable_progress_bars()
+    try:
+        return _prepare(config, output, config_hash, manifest_path, bars)
+    finally:
+        if not were_disabled:
+            datasets.enable_progress_bars()
+
+
+def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_path: Path, bars: bool) -> PreparedData:
     data = config.data
     corpora: dict[str, dict[str, list[dict]]] = {}
     reports: list[str] = []
-    for domain in tqdm(DOMAINS, desc="prepare: read corpora"):
+    for domain in tqdm(DOMAINS, desc="prepare: read corpora", disable=not bars):
         corpora[domain], domain_reports = read_corpus(getattr(data, domain), data.root, data.strict, config.seed)
         reports += domain_reports
     for line in reports:
-        logger.info("read %s", line)
+        logger.debug("read %s", line)  # all of them are in the manifest's "read"
+    logger.info("prepare: read %d files, %s", len(reports),
+                ", ".join(f"{len(corpora[domain]['train'])} {domain} training texts" for domain in DOMAINS))
 
     training_text = [record["text"] for domain in DOMAINS for record in corpora[domain]["train"]]
     logger.info("prepare: training a %d-piece tokenizer on %d texts", config.tokenizer.vocab_size, len(training_text))

@@ -29,7 +29,7 @@ from atm_ray.config import AtmRayError, Config, FinetuneConfig, NluSource
 from atm_ray.data import files
 from atm_ray.data.readers import NLU_READERS, read_nlu
 from atm_ray.train.engine import EXPORT_DIR, parameter_groups
-from atm_ray.train.runner import fit_with_ray, publish_stage, up_to_date
+from atm_ray.train.runner import ProgressFile, fit_with_ray, publish_stage, up_to_date, worker_output_to_log
 from atm_ray.train.stage_table import FINAL_DISTILL, FINETUNE_SCRATCH, FINETUNE_STUDENT
 from atm_ray.nlu.model import (
     RobertaPreLayerNormForIntentAndSlots,
@@ -40,6 +40,7 @@ from atm_ray.nlu.model import (
     predict_words,
 )
 from atm_ray.nlu.metrics import nlu_scores
+from atm_ray.tracking import TensorBoardLog, check_tracking
 from atm_ray.utils import atomic_write_json, atomic_write_text, console_logging, read_json, settings_hash
 
 logger = logging.getLogger(__name__)
@@ -322,14 +323,23 @@ def _save_state(directory: str, trainer: NluTrainer, tokenizer) -> None:
 
 
 def finetune_train_worker(loop_config: dict) -> None:
-    """Ray Train's per-worker function."""
+    """Ray Train's per-worker function (its output in the stage's log file; the driver shows progress)."""
+    plan = FinetunePlan(**loop_config["plan"])
+    with worker_output_to_log(plan.stage_dir):
+        _finetune_train_worker(loop_config, plan)
+
+
+def describe_epoch(metrics: dict) -> str:
+    return f"epoch {metrics['epoch']}: {_headline(metrics, 'dev/')}"
+
+
+def _finetune_train_worker(loop_config: dict, plan: FinetunePlan) -> None:
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
 
     console_logging()
     config = Config.model_validate(loop_config["config"])
-    plan = FinetunePlan(**loop_config["plan"])
     settings = config.finetune
     torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
@@ -351,15 +361,25 @@ def finetune_train_worker(loop_config: dict) -> None:
             local_shuffle_seed=config.seed + epoch,
         )
 
+    tensorboard = TensorBoardLog(plan.stage_dir, config.tracking.tensorboard) if rank == 0 else None
+    progress = ProgressFile(plan.stage_dir, settings.max_epochs, unit="epoch") if rank == 0 else None
+    if progress:
+        progress.start(trainer.epoch)
+
     def report(metrics: dict, trainer: NluTrainer) -> None:
         if rank != 0:
             ray.train.report(metrics)
             return
+        tensorboard.log(metrics, metrics["epoch"])
+        progress.evaluated(metrics["epoch"], metrics)
+        logger.info("[%s] %s", plan.name, describe_epoch(metrics))
         with tempfile.TemporaryDirectory(prefix="atm-ray-finetune-") as directory:
             _save_state(directory, trainer, tokenizer)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     fit(trainer, forward, epoch_batches, loop_config["dev"], tokenizer, ray.train.torch.get_device(), report)
+    if tensorboard:
+        tensorboard.close()
 
 
 def _records_dataset(encoded: dict[str, np.ndarray]):
@@ -380,6 +400,7 @@ def run_finetune_stage(config: Config, plan: FinetunePlan, data: NluData, use_ra
     done = up_to_date(plan.stage_dir, plan.config_hash)
     if done:
         return done
+    check_tracking(config.tracking)
     Path(plan.stage_dir).mkdir(parents=True, exist_ok=True)
     settings = config.finetune
     encoded = _encoded(plan, data.train, settings.max_seq_len)
@@ -393,7 +414,7 @@ def run_finetune_stage(config: Config, plan: FinetunePlan, data: NluData, use_ra
     loop_config = {"config": config.model_dump(mode="json"), "plan": asdict(plan), "dev": data.dev, "train_rows": len(data.train)}
     result = fit_with_ray(
         config, finetune_train_worker, loop_config, stage_dir=plan.stage_dir, name=plan.name, config_hash=plan.config_hash,
-        num_workers=settings.num_workers, datasets={"train": _records_dataset(encoded)},
+        num_workers=settings.num_workers, datasets={"train": _records_dataset(encoded)}, describe=describe_epoch,
     )
     with result.checkpoint.as_directory() as directory:
         return _finish(config, plan, data, Path(directory))
@@ -418,16 +439,20 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
             picked = order[start : start + settings.batch_size]
             yield {name: array[picked] for name, array in encoded.items()}
 
+    tensorboard = TensorBoardLog(plan.stage_dir, config.tracking.tensorboard)
+
     def report(metrics: dict, trainer: NluTrainer) -> None:
+        tensorboard.log(metrics, metrics["epoch"])
         partial = latest.parent / ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         _save_state(str(partial), trainer, tokenizer)
         shutil.rmtree(latest, ignore_errors=True)
         partial.replace(latest)
-        logger.info("%s epoch %d: %s", plan.name, metrics["epoch"], _headline(metrics, "dev/"))
+        logger.info("[%s] %s", plan.name, describe_epoch(metrics))
 
     fit(trainer, trainer.model, epoch_batches, data.dev, tokenizer, torch.device("cpu"), report)
+    tensorboard.close()
     return latest
 
 
@@ -451,15 +476,20 @@ def _finish(config: Config, plan: FinetunePlan, data: NluData, final_checkpoint:
     best = max(history, key=lambda metrics: metrics["dev/exact_match"])
     manifest = {"stage": plan.name, "config_hash": plan.config_hash,
                 "inputs": {"parent": plan.parent, "train_records": len(data.train), "sources": data.reports}}
-    with publish_stage(plan.stage_dir, final_checkpoint, history, manifest) as staging:
+    params = {"config_hash": plan.config_hash, "seed": config.seed, "parent": plan.parent, "scratch": plan.scratch,
+              "settings": config.finetune.model_dump(mode="json")}
+    final: dict = {}
+    with publish_stage(plan.stage_dir, final_checkpoint, history, manifest, tracking=config.tracking, params=params,
+                       step_key="epoch", final_metrics=final) as staging:
         test = nlu_scores(data.test, Parser(staging).predict([record["tokens"] for record in data.test]))
         atomic_write_text(staging / "README.md", model_card(config, plan, data, best, test))
         atomic_write_json(Path(plan.stage_dir) / "test_scores.json", test)
+        final.update({f"test/{name}": value for name, value in test.items() if name != "by_lang"})
         manifest["metrics"] = {
             "best_epoch": best["epoch"],
             "epochs": len(history),
             **{key: value for key, value in best.items() if key.startswith("dev/")},
-            **{f"test/{name}": value for name, value in test.items() if name != "by_lang"},
+            **final,
         }
     return manifest
 
@@ -509,8 +539,9 @@ def model_card(config: Config, plan: FinetunePlan, data: NluData, best: dict, te
 # atm-ray joint intent + slot model ({plan.name})
 
 A pre-LayerNorm RoBERTa encoder with an intent head (first token) and a slot head (first sub-word of
-each word), fine-tuned by atm-ray (preset `{config.name}`). Load it with
-`atm_ray.nlu.Parser("{plan.name}/export").parse(["set an alarm for 7 am"])`.
+each word), fine-tuned by atm-ray (preset `{config.name}`). Parse with
+`atm_ray.nlu.Parser("{plan.name}/export").parse(["set an alarm for 7 am"])`, or load the model with
+transformers' `AutoModel.from_pretrained("{plan.name}/export")` after `import atm_ray` (no remote code).
 
 ## Parent model
 {plan.parent}

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModel,
     AutoTokenizer,
     RobertaPreLayerNormConfig,
     RobertaPreLayerNormModel,
@@ -41,13 +43,18 @@ class IntentSlotOutput(ModelOutput):
     slot_logits: torch.Tensor | None = None
 
 
+class IntentSlotsConfig(RobertaPreLayerNormConfig):
+    """The encoder's config plus ``intent_labels``, ``slot_labels``, ``slot_loss_weight``, ``head_dropout``
+    and ``lowercase`` (whether training text was lower-case, so the parser lower-cases too). Its own
+    ``model_type`` lets transformers' Auto classes find the joint model (see ``register_auto_classes``)."""
+
+    model_type = "atm-ray-intent-slots"
+
+
 class RobertaPreLayerNormForIntentAndSlots(RobertaPreLayerNormPreTrainedModel):
-    """Encoder + intent head (first token) + slot head (every token); loss = intent CE + w · slot CE.
+    """Encoder + intent head (first token) + slot head (every token); loss = intent CE + w · slot CE."""
 
-    The config carries ``intent_labels``, ``slot_labels``, ``slot_loss_weight``, ``head_dropout`` and
-    ``lowercase`` (whether training text was lower-case, so the parser lower-cases too).
-    """
-
+    config_class = IntentSlotsConfig
     base_model_prefix = "roberta_prelayernorm"
 
     def __init__(self, config: RobertaPreLayerNormConfig):
@@ -76,6 +83,13 @@ class RobertaPreLayerNormForIntentAndSlots(RobertaPreLayerNormPreTrainedModel):
         return self.roberta_prelayernorm.parameters()
 
 
+def register_auto_classes() -> None:
+    """``AutoConfig`` / ``AutoModel`` load an atm-ray export as the joint model, without
+    ``trust_remote_code`` (``import atm_ray`` calls this)."""
+    AutoConfig.register(IntentSlotsConfig.model_type, IntentSlotsConfig, exist_ok=True)
+    AutoModel.register(IntentSlotsConfig, RobertaPreLayerNormForIntentAndSlots, exist_ok=True)
+
+
 def label_maps(records: list[dict]) -> tuple[list[str], list[str]]:
     """Intent and slot label lists from training records, each starting with ``UNKNOWN_LABEL``."""
     intents = sorted({record["intent"] for record in records})
@@ -96,7 +110,8 @@ def build_joint_model(
 ) -> RobertaPreLayerNormForIntentAndSlots:
     """The joint model on the encoder saved in ``encoder_dir`` (a masked-LM export), or on the same
     architecture with random weights when ``scratch`` (the baseline)."""
-    config = RobertaPreLayerNormConfig.from_pretrained(str(encoder_dir))
+    encoder_config = RobertaPreLayerNormConfig.from_pretrained(str(encoder_dir))
+    config = IntentSlotsConfig(**{key: value for key, value in encoder_config.to_dict().items() if key != "model_type"})
     config.architectures = [RobertaPreLayerNormForIntentAndSlots.__name__]
     config.update(
         {

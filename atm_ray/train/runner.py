@@ -10,13 +10,19 @@ Train's run (``ray/``) or the in-process checkpoints (``checkpoints/<config hash
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from atm_ray.config import Config
+from atm_ray.config import Config, TrackingConfig
+from atm_ray.tracking import log_stage_to_mlflow
 from atm_ray.train.engine import EXPORT_DIR
-from atm_ray.utils import atomic_write_json, publish_copy, read_json
+from atm_ray.utils import VERBOSE_ENV, atomic_write_json, publish_copy, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +51,153 @@ def up_to_date(stage_dir: str | Path, config_hash: str) -> dict | None:
 
 @contextmanager
 def publish_stage(
-    stage_dir: str | Path, final_checkpoint: Path, history: list[dict], manifest: dict
+    stage_dir: str | Path,
+    final_checkpoint: Path,
+    history: list[dict],
+    manifest: dict,
+    *,
+    tracking: TrackingConfig,
+    params: dict,
+    step_key: str = "step",
+    final_metrics: dict | None = None,
 ) -> Iterator[Path]:
     """Publish a finished stage: yields a staging copy of the checkpoint's export for additions
-    (tokenizer, model card), then swaps it in and writes ``metrics.json`` and the manifest (last, so a
-    manifest always describes a complete stage). ``manifest`` gains ``outputs.export``."""
+    (tokenizer, model card), then swaps it in, records the stage in MLflow when configured, and writes
+    ``metrics.json`` and the manifest (last, so a manifest always describes a complete stage).
+    ``manifest`` gains ``outputs.export`` (and ``outputs.mlflow_run``); ``final_metrics`` (filled in by the
+    block, e.g. test scores) are tracked at the last step."""
     stage_dir = Path(stage_dir)
     export_dir = stage_dir / EXPORT_DIR
     with publish_copy(final_checkpoint / EXPORT_DIR, export_dir) as staging:
         yield staging
+    outputs = manifest.setdefault("outputs", {})
+    outputs["export"] = str(export_dir)
+    tracked = history + ([{step_key: history[-1].get(step_key, 0) if history else 0, **final_metrics}] if final_metrics else [])
+    try:
+        outputs["mlflow_run"] = log_stage_to_mlflow(tracking, stage_dir.name, params, tracked, export_dir, step_key)
+    except Exception as error:  # the stage is trained and published; a tracking server's trouble must not undo it
+        logger.warning("[%s] not recorded in MLflow (%s): %s", stage_dir.name, tracking.mlflow_uri, error)
     atomic_write_json(stage_dir / METRICS_FILE, history)
-    manifest.setdefault("outputs", {})["export"] = str(export_dir)
     atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
+
+
+PROGRESS_FILE = "progress.json"
+LOGS_DIR = "logs"
+
+
+def stage_log_file(stage_dir: str | Path) -> Path:
+    """Where a stage's workers write their own output (Ray's, DeepSpeed's, ours): ``<run>/logs/<stage>.log``."""
+    stage_dir = Path(stage_dir)
+    return stage_dir.parent / LOGS_DIR / f"{stage_dir.name}.log"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+@contextmanager
+def worker_output_to_log(stage_dir: str | Path) -> Iterator[None]:
+    """In a Ray Train worker: its stdout and stderr (Python's and C's, DeepSpeed's and Ray's lines) go to
+    the stage's log file instead of the driver's console, unless the user asked for ``-v``."""
+    log_file = stage_log_file(stage_dir)
+    if verbose() or not log_file.parent.parent.is_dir():  # -v, or the run folder is on another node
+        yield
+        return
+    log_file.parent.mkdir(exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_file, "a") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+class ProgressFile:
+    """Rank 0's side of the console's progress bar: ``<stage>/progress.json`` with the step, the total,
+    the last evaluation and the step a resumed run started from; written at most every ``interval_s``
+    (and at every evaluation), atomically."""
+
+    def __init__(self, stage_dir: str | Path, total: int, unit: str = "step", interval_s: float = 1.0):
+        self.path = Path(stage_dir) / PROGRESS_FILE
+        self.enabled = Path(stage_dir).is_dir()
+        self.state = {"position": 0, "total": total, "unit": unit, "last": {}, "resumed_from": 0, "started": time.time()}
+        self.interval_s, self.written = interval_s, 0.0
+
+    def start(self, position: int) -> None:
+        self.state.update(position=position, resumed_from=position)
+        self._write()
+
+    def step(self, position: int, *_ignored) -> None:
+        self.state["position"] = position
+        if time.monotonic() - self.written >= self.interval_s:
+            self._write()
+
+    def evaluated(self, position: int, metrics: dict) -> None:
+        self.state.update(position=position, last=metrics)
+        self._write()
+
+    def _write(self) -> None:
+        if self.enabled:
+            self.written = time.monotonic()
+            atomic_write_json(self.path, self.state)
+
+
+@contextmanager
+def watch_progress(stage_dir: str | Path, describe: Callable[[dict], str]) -> Iterator[None]:
+    """The driver's side: while a Ray stage runs, a progress bar from rank 0's ``progress.json`` (on a
+    terminal) and a console line per evaluation (``describe(metrics)``); where the workers' logs are."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    stage_dir = Path(stage_dir)
+    path, name = stage_dir / PROGRESS_FILE, stage_dir.name
+    path.unlink(missing_ok=True)  # a previous run's
+    if not verbose():
+        logger.info("[%s] started; its workers' logs: %s", name, stage_log_file(stage_dir))
+    stop = threading.Event()
+    shown: dict = {"last": None, "resumed": False}
+    bar = tqdm(desc=name, unit="step", disable=None, dynamic_ncols=True, leave=False)
+
+    def poll() -> None:
+        try:
+            state = read_json(path)
+        except (OSError, ValueError):  # not written yet, or mid-replace on a slow filesystem
+            return
+        if state["resumed_from"] and not shown["resumed"]:
+            shown["resumed"] = True
+            logger.info("[%s] resumed from the checkpoint of %s %d", name, state["unit"], state["resumed_from"])
+        bar.unit, bar.total = state["unit"], state["total"]
+        bar.n = state["position"]
+        if state["last"] and state["last"] != shown["last"]:
+            shown["last"] = state["last"]
+            logger.info("[%s] %s", name, describe(state["last"]))
+            bar.set_postfix_str(describe(state["last"]).split(": ", 1)[-1][:60], refresh=False)
+        bar.refresh()
+
+    def loop() -> None:
+        while not stop.wait(0.5):
+            poll()
+
+    thread = threading.Thread(target=loop, name=f"progress-{name}", daemon=True)
+    # on a terminal, log lines go above the bar instead of through it
+    with logging_redirect_tqdm(loggers=[logging.getLogger("atm_ray")]) if not bar.disable else nullcontext():
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            poll()
+            bar.close()
 
 
 def fit_with_ray(
@@ -68,6 +209,7 @@ def fit_with_ray(
     name: str,
     config_hash: str,
     num_workers: int,
+    describe: Callable[[dict], str],
     datasets: dict | None = None,
     callbacks: list | None = None,
 ):
@@ -99,5 +241,16 @@ def fit_with_ray(
             callbacks=callbacks,
         ),
     )
-    logger.info("%s: %d workers, run folder %s", name, num_workers, stage_dir)
-    return trainer.fit()
+    logger.debug("%s: %d workers, run folder %s", name, num_workers, stage_dir)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    with watch_progress(stage_dir, describe):
+        try:
+            return trainer.fit()
+        except SystemExit as exit_:
+            # Ray Train's Ctrl-C handler aborts the run, then ends it with sys.exit: make it the
+            # KeyboardInterrupt it was (the CLI prints how to resume)
+            raise KeyboardInterrupt from exit_
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)  # Ray Train leaves its handler behind

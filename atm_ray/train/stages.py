@@ -43,8 +43,9 @@ from atm_ray.train.engine import (
 )
 from atm_ray.train.faults import ExitAtStep, fault_from_environment
 from atm_ray.train.modeling import build_masked_lm
-from atm_ray.train.runner import fit_with_ray, publish_stage, stage_hash, up_to_date
+from atm_ray.train.runner import ProgressFile, fit_with_ray, publish_stage, stage_hash, up_to_date, worker_output_to_log
 from atm_ray.train.stage_table import DISTILL_STAGES, DOMAINS, PRETRAIN_STAGES, STAGES, Stage, settings_at
+from atm_ray.tracking import TensorBoardLog, check_tracking
 from atm_ray.utils import console_logging, settings_hash
 
 logger = logging.getLogger(__name__)
@@ -81,13 +82,18 @@ class StageResult:
     skipped: bool = False
 
     def summary(self) -> str:
+        """Two lines for the console (every metric is in the stage's ``metrics.json``)."""
         state = "up to date" if self.skipped else "finished"
-        lines = [f"{self.stage_dir.name} {state}: export in {self.export_dir}"]
-        for key in sorted(self.metrics):
-            if "/" in key or key.endswith("_loss") or key in ("step", "tokens_per_second", "teacher_switch_step"):
-                value = self.metrics[key]
-                lines.append(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-        return "\n".join(lines)
+        metrics = self.metrics
+        parts = [
+            f"{domain}: perplexity {metrics[f'{domain}/perplexity']:.1f}, mask filling {metrics[f'{domain}/mask_fill_accuracy']:.3f}"
+            f" (most frequent token {metrics.get(f'{domain}/unigram_mask_fill_accuracy', float('nan')):.3f})"
+            for domain in DOMAINS if f"{domain}/perplexity" in metrics
+        ]
+        if "teacher_switch_step" in metrics:
+            parts.append(f"teacher switched at step {metrics['teacher_switch_step']}")
+        head = f"{self.stage_dir.name} {state} (step {metrics.get('step', '?')}): export in {self.export_dir}"
+        return head + ("\n  " + "; ".join(parts) if parts else "")
 
 
 def stage_settings(config: Config, plan: StagePlan) -> StageConfig:
@@ -184,8 +190,15 @@ def heldout_rows(plan: StagePlan, stage: StageConfig) -> dict[str, dict[str, np.
     return rows
 
 
-def loop_settings(config: Config, plan: StagePlan, initial_checksum: float, fail: dict, resumed_from: int = 0) -> LoopSettings:
+def loop_settings(config: Config, plan: StagePlan, initial_checksum: float, fail: dict, resumed_from: int = 0,
+                  progress: StageProgress | None = None) -> LoopSettings:
     settings = stage_settings(config, plan)
+    callbacks = [callback for callback in (ExitAtStep(**fail) if fail else None, progress and progress.step) if callback]
+
+    def on_step(step: int, rank: int) -> None:
+        for callback in callbacks:
+            callback(step, rank)
+
     return LoopSettings(
         steps=settings.steps,
         eval_every=settings.eval_every,
@@ -194,22 +207,42 @@ def loop_settings(config: Config, plan: StagePlan, initial_checksum: float, fail
         unigram_tokens=plan.unigram_tokens,
         # resumed_from_step: the step this run of the stage started at (0: from the beginning)
         extra_metrics={"initial_weights_checksum": initial_checksum, "resumed_from_step": resumed_from},
-        on_step=ExitAtStep(**fail) if fail else None,
+        on_step=on_step if callbacks else None,
     )
 
 
-def _append_metrics_log(stage_dir: str, metrics: dict, steps: int) -> None:
-    """Live metrics for people watching a run (best effort: the folder may be on another node), and a
-    progress line on the driver's console."""
-    if "written/mlm_loss" not in metrics:
-        return
-    if os.path.isdir(stage_dir):
-        with open(os.path.join(stage_dir, "metrics.jsonl"), "a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+def describe_evaluation(metrics: dict) -> str:
+    """The console line of one evaluation of a masked-LM stage."""
     shown = [f"{name} {metrics[name]:.4g}" for name in ("train_loss", "written/perplexity", "spoken/perplexity",
                                                            "spoken/mask_fill_accuracy", "spoken/unigram_mask_fill_accuracy")
              if name in metrics]
-    logger.info("[%s] step %d/%d: %s", Path(stage_dir).name, metrics["step"], steps, ", ".join(shown))
+    return f"step {metrics['step']}: {', '.join(shown)}"
+
+
+class StageProgress:
+    """What rank 0 tells people watching a stage: ``metrics.jsonl``, TensorBoard events and
+    ``progress.json`` (the driver's progress bar) in the stage folder (best effort: the folder may be on
+    another node), and a log line per evaluation."""
+
+    def __init__(self, stage_dir: str, steps: int, tensorboard: bool, start_step: int):
+        self.stage_dir, self.steps = stage_dir, steps
+        self.tensorboard = TensorBoardLog(stage_dir, tensorboard)
+        self.progress = ProgressFile(stage_dir, steps)
+        self.progress.start(start_step)
+        self.step = self.progress.step
+
+    def __call__(self, metrics: dict) -> None:
+        if "written/mlm_loss" not in metrics:  # a checkpoint without an evaluation
+            return
+        if os.path.isdir(self.stage_dir):
+            with open(os.path.join(self.stage_dir, "metrics.jsonl"), "a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+        self.tensorboard.log(metrics, metrics["step"])
+        self.progress.evaluated(metrics["step"], metrics)
+        logger.info("[%s] %s", Path(self.stage_dir).name, describe_evaluation(metrics))
+
+    def close(self) -> None:
+        self.tensorboard.close()  # drains the event writer's queue
 
 
 # ---------------------------------------------------------------------- Ray Train
@@ -232,13 +265,18 @@ class RayShardSource:
 
 
 def stage_train_worker(loop_config: dict) -> None:
-    """Ray Train's per-worker function: build the engine, resume if asked, run the loop."""
+    """Ray Train's per-worker function: build the engine, resume if asked, run the loop (its output in the
+    stage's log file; the driver shows progress)."""
+    plan = StagePlan(**loop_config["plan"])
+    with worker_output_to_log(plan.stage_dir):
+        _stage_train_worker(loop_config, plan)
+
+
+def _stage_train_worker(loop_config: dict, plan: StagePlan) -> None:
     import ray.train
 
-    console_logging()  # rank 0's progress lines reach the driver's console through Ray's log forwarding
-
+    console_logging()
     config = Config.model_validate(loop_config["config"])
-    plan = StagePlan(**loop_config["plan"])
     settings = stage_settings(config, plan)
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
@@ -259,9 +297,11 @@ def stage_train_worker(loop_config: dict) -> None:
     if loop_config.get("replay_shards"):
         replay = endless(RayShardSource(loop_config["replay_shards"][rank], replay_size, config.seed + 1), position)
 
+    progress = StageProgress(plan.stage_dir, settings.steps, config.tracking.tensorboard, trainer.step) if rank == 0 else None
+
     def report(metrics: dict, directory: str | None) -> None:
-        if rank == 0:
-            _append_metrics_log(plan.stage_dir, metrics, settings.steps)
+        if progress:
+            progress(metrics)
         saved = ray.train.Checkpoint.from_directory(directory) if directory else None
         ray.train.report(metrics, checkpoint=saved)
         if directory:
@@ -271,10 +311,12 @@ def stage_train_worker(loop_config: dict) -> None:
         trainer,
         mixed(batches, replay),
         loop_config["heldout"],
-        loop_settings(config, plan, initial_checksum, loop_config["fail"], resumed_from),
+        loop_settings(config, plan, initial_checksum, loop_config["fail"], resumed_from, progress),
         report,
         checkpoint_dir=lambda: tempfile.mkdtemp(prefix="atm-ray-checkpoint-"),
     )
+    if progress:
+        progress.close()
     torch.distributed.barrier()
 
 
@@ -300,6 +342,7 @@ def run_stage(config: Config, plan: StagePlan, prepared: PreparedData, callbacks
     done = finished(plan)
     if done:
         return done
+    check_tracking(config.tracking)
     Path(plan.stage_dir).mkdir(parents=True, exist_ok=True)
     from atm_ray.cluster import init_ray
 
@@ -315,13 +358,13 @@ def run_stage(config: Config, plan: StagePlan, prepared: PreparedData, callbacks
     }
     result = fit_with_ray(
         config, stage_train_worker, loop_config, stage_dir=plan.stage_dir, name=plan.name,
-        config_hash=plan.config_hash, num_workers=workers, callbacks=callbacks,
+        config_hash=plan.config_hash, num_workers=workers, callbacks=callbacks, describe=describe_evaluation,
     )
     with result.checkpoint.as_directory() as directory:
-        return _finish_stage(plan, prepared, Path(directory), result.checkpoint.path)
+        return _finish_stage(config, plan, prepared, Path(directory), result.checkpoint.path)
 
 
-def _finish_stage(plan: StagePlan, prepared: PreparedData, final_checkpoint: Path, checkpoint_uri: str) -> StageResult:
+def _finish_stage(config: Config, plan: StagePlan, prepared: PreparedData, final_checkpoint: Path, checkpoint_uri: str) -> StageResult:
     """Publish the export of the final checkpoint with the tokenizer, its metrics and the manifest."""
     history = json.loads((final_checkpoint / HISTORY_FILE).read_text())
     metrics = history[-1] if history else {}
@@ -332,7 +375,9 @@ def _finish_stage(plan: StagePlan, prepared: PreparedData, final_checkpoint: Pat
         "outputs": {"checkpoint": checkpoint_uri},
         "metrics": metrics,
     }
-    with publish_stage(plan.stage_dir, final_checkpoint, history, manifest) as staging:
+    params = {"objective": plan.objective, "config_hash": plan.config_hash, "seed": config.seed, "model": plan.model,
+              "shape": config.models[plan.model].model_dump(), "settings": stage_settings(config, plan).model_dump(mode="json")}
+    with publish_stage(plan.stage_dir, final_checkpoint, history, manifest, tracking=config.tracking, params=params) as staging:
         load_tokenizer(prepared.tokenizer_dir).save_pretrained(str(staging))
     stage_dir = Path(plan.stage_dir)
     return StageResult(stage_dir, stage_dir / EXPORT_DIR, metrics)
@@ -346,6 +391,7 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
     done = finished(plan)
     if done:
         return done
+    check_tracking(config.tracking)
     settings = stage_settings(config, plan)
     stage_dir = Path(plan.stage_dir)
     # keyed by the config hash, as Ray Train's runs are: changed settings never resume another's state
@@ -375,9 +421,11 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
         torch.distributed.barrier()
         return str(directory)
 
+    progress = StageProgress(plan.stage_dir, settings.steps, config.tracking.tensorboard, trainer.step) if rank == 0 else None
+
     def report(metrics: dict, directory: str | None) -> None:
-        if rank == 0:
-            _append_metrics_log(plan.stage_dir, metrics, settings.steps)
+        if progress:
+            progress(metrics)
         if directory:
             torch.distributed.barrier()  # every rank has written its shards and RNG state
         if directory and rank == 0:
@@ -392,15 +440,17 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
         trainer,
         mixed(batches, replay),
         heldout_rows(plan, settings),
-        loop_settings(config, plan, initial_checksum, fault_from_environment(plan.stage_dir), resumed_from),
+        loop_settings(config, plan, initial_checksum, fault_from_environment(plan.stage_dir), resumed_from, progress),
         report,
         checkpoint_dir,
     )
+    if progress:
+        progress.close()
     torch.distributed.barrier()  # rank 0 has moved the last checkpoint into place
     final = sorted(checkpoints.glob("step-*"), key=lambda path: int(path.name.split("-")[1]))[-1]
     if rank != 0:  # one rank publishes the export
         return StageResult(stage_dir, stage_dir / EXPORT_DIR, {})
-    return _finish_stage(plan, prepared, final, str(final))
+    return _finish_stage(config, plan, prepared, final, str(final))
 
 
 # ---------------------------------------------------------------------- commands

@@ -118,6 +118,28 @@ def test_export_round_trips_and_the_parser_gives_character_spans(encoder_dir, tm
         parser.parse(["hello", "   "])
 
 
+def test_export_loads_through_transformers_auto_classes(nlu_models):
+    """One call, no trust_remote_code, in a fresh interpreter where only `import atm_ray` ran."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, atm_ray, torch\n"
+        "from transformers import AutoConfig, AutoModel, AutoTokenizer\n"
+        "model = AutoModel.from_pretrained(sys.argv[1]).eval()\n"
+        "assert type(model).__name__ == 'RobertaPreLayerNormForIntentAndSlots', type(model)\n"
+        "assert AutoConfig.from_pretrained(sys.argv[1]).model_type == 'atm-ray-intent-slots'\n"
+        "inputs = AutoTokenizer.from_pretrained(sys.argv[1])(['play some jazz'], return_tensors='pt')\n"
+        "with torch.no_grad():\n"
+        "    print(model(**inputs).intent_logits.argmax(-1).item())\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script, nlu_models["A"]], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    parser = Parser(nlu_models["A"])
+    expected = parser.model.config.intent_labels.index(parser.parse(["play some jazz"])[0]["intent"]["name"])
+    assert int(loaded.stdout.split()[-1]) == expected
+
+
 def test_frozen_encoder_leaves_encoder_weights_unchanged(encoder_dir, tmp_path):
     config = _config(tmp_path, "finetune.max_epochs=1", "finetune.freeze_encoder=true")
     manifest = run_finetune(config, encoder_dir, name="frozen", use_ray=False)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import tensorboard_scalars
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from atm_ray.config import load_config
@@ -56,6 +57,10 @@ def test_stage1_trains_with_two_workers_that_agree(stage1):
     assert manifest["stage"] == "teacher_stage1" and manifest["metrics"]["step"] == 20
     live = (result.stage_dir / "metrics.jsonl").read_text().splitlines()
     assert len(live) == 4
+    # TensorBoard events, written live by rank 0: one point per evaluation
+    scalars = tensorboard_scalars(result.stage_dir / "tensorboard")
+    assert [step for step, _ in scalars["spoken/perplexity"]] == [5, 10, 15, 20]
+    assert [value for _, value in scalars["train_loss"]] == pytest.approx([entry["train_loss"] for entry in history])
 
 
 def test_export_loads_with_automodel(stage1):

@@ -1,0 +1,54 @@
+"""What a person at the console sees: a short Ray stage names its log file, repeats no warning, and
+Ctrl-C ends it with the command that resumes it; run again, it resumes."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from conftest import clean_environment
+
+pytestmark = pytest.mark.slow
+
+STAGE = ["pretrain.stage1.steps=60", "pretrain.stage1.eval_every=20", "pretrain.stage1.checkpoint_every=20",
+         "pretrain.stage1.engine.micro_batch_size=8"]
+
+
+def _command(run_dir):
+    return [sys.executable, "-m", "atm_ray.cli", "pretrain", "--stage", "1", "--preset", "tiny", "--run-dir", str(run_dir), *STAGE]
+
+
+def test_ctrl_c_prints_the_resume_command_and_the_console_stays_quiet(tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(_command(run_dir), env=clean_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = run_dir / "teacher_stage1" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if json.loads(progress.read_text())["position"] >= 25:  # past the first checkpoint
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr and " ".join(_command(run_dir)[3:]) in stderr  # the command to run again
+
+    resumed = subprocess.run(_command(run_dir), env=clean_environment(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    log_file = run_dir / "logs" / "teacher_stage1.log"
+    assert f"its workers' logs: {log_file}" in output and log_file.stat().st_size > 0
+    assert "[teacher_stage1] resumed from the checkpoint of step 20" in output
+    assert "teacher_stage1 finished (step 60)" in output
+    # the workers' DeepSpeed and Ray lines are in the log file, not here; nothing repeats
+    assert "Checkpoint successfully created" not in output and "Checkpoint successfully created" in log_file.read_text()
+    assert "Failed to query Ray Train Controller" not in output
+    repeated = {line: count for line, count in Counter(line for line in output.splitlines() if line.strip()).items() if count > 1}
+    assert not repeated, repeated
+    assert len(output.splitlines()) < 30, output
