@@ -298,9 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--salt", default="atm-ray", help="experiment salt of the sticky user assignment")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
-    serve_parser.add_argument("--replicas", type=int, default=1)
+    # 2 replicas x 1 thread served 222 req/s at 16 connections against 181 for 1 x 2 (2-core machine, 17M int8,
+    # bench/serve_latency.py, same 1-connection p50): one single-threaded replica per core
+    serve_parser.add_argument("--replicas", type=int, default=2, help="replicas (default: 2, one per core of a 2-core machine)")
     serve_parser.add_argument("--cpus-per-replica", type=float, default=1.0)
-    serve_parser.add_argument("--torch-threads", type=int, default=2, help="threads per replica (measured best: one per core)")
+    serve_parser.add_argument("--torch-threads", type=int, default=1, help="threads per replica")
     serve_parser.add_argument("--max-batch-size", type=int, default=16)
     serve_parser.add_argument("--quantize", choices=("int8", "none"), default="int8", help="dynamic int8 quantisation (default: faster on CPUs, same accuracy) or none (fp32)")
     serve_parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",

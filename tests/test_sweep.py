@@ -77,8 +77,10 @@ def test_four_trial_sweep_with_asha_writes_results_and_best_overrides(upstream):
     assert list((sweep_dir / "tune").glob("*/events.out.tfevents.*")), "no TensorBoard logs"
     assert "**best**" in (sweep_dir / "results.md").read_text()
     # each trial ran the stage through its own Ray Train run, and exported what it trained
-    trial_dirs = list((sweep_dir / "trials").iterdir())
+    trial_dirs = [path for path in (sweep_dir / "trials").iterdir() if path.name != "logs"]
     assert len(trial_dirs) == 4 and all((trial / "ray").is_dir() for trial in trial_dirs)
+    # each trial's workers wrote their own output to trials/logs/<trial>.log, not to the sweep's console
+    assert sorted(path.stem for path in (sweep_dir / "trials" / "logs").glob("*.log")) == sorted(path.name for path in trial_dirs)
 
     best_file = sweep_dir / "best_overrides.yaml"
     best = yaml.safe_load(best_file.read_text())

@@ -157,7 +157,11 @@ def _parse_with_ray(rows: list[dict], model_dir: Path, quantize: str | None, top
     from atm_ray.cluster import init_ray
 
     init_ray(address)
-    dataset = ray.data.from_items(rows).map_batches(
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # our own summary says how it went
+    # a few large blocks: per-block scheduling and serialisation cost more than a small model's forward
+    blocks = max(2 * actors, min(64, len(rows) // 2000))
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         ParseBatch,
         fn_constructor_kwargs={"model_dir": str(model_dir.resolve()), "quantize": quantize, "top_k": top_k, "threads": threads},
         batch_size=batch_size,

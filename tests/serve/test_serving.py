@@ -12,7 +12,7 @@ import requests
 from conftest import clean_environment, free_port
 
 from atm_ray.serve.ab import Arm, ArmRouter, Ledger, two_proportion_test, wilson_interval
-from atm_ray.serve.api import BatchRequest, ClientError, FeedbackRequest, ParseRequest, decode_json_body, validate
+from atm_ray.serve.api import BatchRequest, ClientError, FeedbackRequest, ParseRequest, ParseResponse, decode_json_body, validate
 from atm_ray.serve.app import parse_arm_arguments
 
 # ---------------------------------------------------------------------- plain functions
@@ -186,6 +186,7 @@ def test_parses_match_the_in_process_parser(endpoint, nlu_models):
         response = _post(f"{endpoint}/v1/parse", {"text": text, "request_id": f"id-{text[:5]}"}, headers={"x-atm-arm": "A"})
         assert response.status_code == 200, response.text
         body = response.json()
+        ParseResponse.model_validate(body)  # the route returns its dict as is: it must be what the API documents
         assert body["arm"] == "A" and body["request_id"] == f"id-{text[:5]}" and body["latency_ms"] > 0
         assert body["intent"]["name"] == wanted["intent"]["name"] and body["fallback"] is False
         assert body["intent"]["confidence"] == pytest.approx(wanted["intent"]["confidence"], abs=1e-5)
