@@ -97,6 +97,33 @@ def test_cli_reports_config_errors(capsys):
     assert "cluster.num_workerz: unknown key" in capsys.readouterr().err
 
 
+def test_a_failing_stage_is_two_lines_and_a_saved_traceback(tmp_path, capsys, monkeypatch):
+    """Not one of our errors (a worker's exception, a bug): the reason in one line, the traceback in a file
+    of the run's logs folder, exit 1; -v raises it."""
+    import atm_ray.train.stages
+
+    def fail(*_args, **_kwargs):
+        try:
+            raise ValueError("the worker's own message\nits last line: shard 3 is empty")
+        except ValueError as cause:
+            raise RuntimeError("Training failed: 1 worker raised") from cause
+
+    monkeypatch.setattr(atm_ray.train.stages, "run_pretrain_stage", fail)
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", "--stage", "1", "--preset", "tiny", "--run-dir", str(run_dir)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "atm-ray: pretrain failed: ValueError: its last line: shard 3 is empty"
+    assert len(lines) == 2 and str(run_dir / "logs") in lines[1]
+    (saved,) = (run_dir / "logs").glob("atm-ray-error-*.log")
+    assert "RuntimeError: Training failed" in saved.read_text() and "ValueError" in saved.read_text()
+    monkeypatch.delenv("ATM_RAY_VERBOSE", raising=False)  # -v sets it for Ray workers; gone after the test
+    with pytest.raises(RuntimeError):
+        main(["-v", "pretrain", "--stage", "1", "--preset", "tiny", "--run-dir", str(run_dir)])
+    from atm_ray.utils import console_logging
+
+    console_logging(False)  # the levels the other tests expect
+
+
 def test_override_file_is_applied_before_key_value_overrides(tmp_path):
     overrides = tmp_path / "best_overrides.yaml"
     overrides.write_text("distill:\n  final:\n    temperature: 3.0\n    weights: {soft_ce: 0.5, hidden: 2.0}\n")
