@@ -6,13 +6,3 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __version__ = "0.1.0"
-
-
-def _register_auto_classes() -> None:
-    # an export loads with transformers' AutoModel once atm_ray is imported, no trust_remote_code
-    from atm_ray.nlu.model import register_auto_classes
-
-    register_auto_classes()
-
-
-_register_auto_classes()

@@ -2,8 +2,15 @@
 
     from atm_ray.nlu import Parser
     Parser("runs/tiny/finetune_student/export").parse(["set an alarm for 7 am"])
+
+Importing this package registers the joint model with transformers' Auto classes, so that
+``AutoModel.from_pretrained(export)`` loads it without ``trust_remote_code``. (Not on ``import atm_ray``:
+that would put torch and transformers into every Ray process that imports the package, the A/B ledger's
+included, whose restart then failed in the tests.)
 """
 
-from atm_ray.nlu.model import Parser, RobertaPreLayerNormForIntentAndSlots
+from atm_ray.nlu.model import Parser, RobertaPreLayerNormForIntentAndSlots, register_auto_classes
+
+register_auto_classes()
 
 __all__ = ["Parser", "RobertaPreLayerNormForIntentAndSlots"]
