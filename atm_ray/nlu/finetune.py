@@ -29,7 +29,7 @@ from atm_ray.config import AtmRayError, Config, FinetuneConfig, NluSource
 from atm_ray.data import files
 from atm_ray.data.readers import NLU_READERS, read_nlu
 from atm_ray.train.engine import EXPORT_DIR, parameter_groups
-from atm_ray.train.runner import ProgressFile, fit_with_ray, publish_stage, up_to_date, worker_output_to_log
+from atm_ray.train.runner import StageProgress, fit_with_ray, publish_stage, up_to_date, worker_output_to_log
 from atm_ray.train.stage_table import FINAL_DISTILL, FINETUNE_SCRATCH, FINETUNE_STUDENT
 from atm_ray.nlu.model import (
     RobertaPreLayerNormForIntentAndSlots,
@@ -40,7 +40,7 @@ from atm_ray.nlu.model import (
     predict_words,
 )
 from atm_ray.nlu.metrics import nlu_scores
-from atm_ray.tracking import TensorBoardLog, check_tracking
+from atm_ray.tracking import check_tracking
 from atm_ray.utils import atomic_write_json, atomic_write_text, console_logging, read_json, settings_hash
 
 logger = logging.getLogger(__name__)
@@ -361,25 +361,21 @@ def _finetune_train_worker(loop_config: dict, plan: FinetunePlan) -> None:
             local_shuffle_seed=config.seed + epoch,
         )
 
-    tensorboard = TensorBoardLog(plan.stage_dir, config.tracking.tensorboard) if rank == 0 else None
-    progress = ProgressFile(plan.stage_dir, settings.max_epochs, unit="epoch") if rank == 0 else None
-    if progress:
-        progress.start(trainer.epoch)
+    progress = StageProgress(plan.stage_dir, settings.max_epochs, trainer.epoch, describe_epoch,
+                             config.tracking.tensorboard, unit="epoch") if rank == 0 else None
 
     def report(metrics: dict, trainer: NluTrainer) -> None:
         if rank != 0:
             ray.train.report(metrics)
             return
-        tensorboard.log(metrics, metrics["epoch"])
-        progress.evaluated(metrics["epoch"], metrics)
-        logger.info("[%s] %s", plan.name, describe_epoch(metrics))
+        progress.evaluated(metrics)
         with tempfile.TemporaryDirectory(prefix="atm-ray-finetune-") as directory:
             _save_state(directory, trainer, tokenizer)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     fit(trainer, forward, epoch_batches, loop_config["dev"], tokenizer, ray.train.torch.get_device(), report)
-    if tensorboard:
-        tensorboard.close()
+    if progress:
+        progress.close()
 
 
 def _records_dataset(encoded: dict[str, np.ndarray]):
@@ -439,20 +435,20 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
             picked = order[start : start + settings.batch_size]
             yield {name: array[picked] for name, array in encoded.items()}
 
-    tensorboard = TensorBoardLog(plan.stage_dir, config.tracking.tensorboard)
+    progress = StageProgress(plan.stage_dir, settings.max_epochs, trainer.epoch, describe_epoch,
+                             config.tracking.tensorboard, unit="epoch")
 
     def report(metrics: dict, trainer: NluTrainer) -> None:
-        tensorboard.log(metrics, metrics["epoch"])
         partial = latest.parent / ".partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         _save_state(str(partial), trainer, tokenizer)
         shutil.rmtree(latest, ignore_errors=True)
         partial.replace(latest)
-        logger.info("[%s] %s", plan.name, describe_epoch(metrics))
+        progress.evaluated(metrics)  # after the checkpoint: what it says is on disk
 
     fit(trainer, trainer.model, epoch_batches, data.dev, tokenizer, torch.device("cpu"), report)
-    tensorboard.close()
+    progress.close()
     return latest
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atm_ray.config import AtmRayError
-from atm_ray.utils import atomic_write_text, is_encodable
+from atm_ray.utils import atomic_output, atomic_write_text, is_encodable
 
 logger = logging.getLogger(__name__)
 
@@ -176,21 +176,11 @@ def _parse_with_ray(rows: list[dict], model_dir: Path, quantize: str | None, top
 def write_predictions(rows: list[dict], output: Path) -> None:
     """JSONL or Parquet, written whole to a temporary file and renamed (never half a file)."""
     if file_format(output, "--output") == "parquet":
-        import os
-        import tempfile
-
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        output.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
-        os.close(descriptor)
-        try:
+        with atomic_output(output) as temporary:
             pq.write_table(pa.Table.from_pylist(rows), temporary)
-            os.replace(temporary, output)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
         return
     atomic_write_text(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 

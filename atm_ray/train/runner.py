@@ -9,6 +9,7 @@ Train's run (``ray/``) or the in-process checkpoints (``checkpoints/<config hash
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from atm_ray.config import Config, TrackingConfig
-from atm_ray.tracking import log_stage_to_mlflow
+from atm_ray.tracking import TensorBoardLog, log_stage_to_mlflow
 from atm_ray.train.engine import EXPORT_DIR
 from atm_ray.utils import VERBOSE_ENV, atomic_write_json, publish_copy, read_json
 
@@ -121,34 +122,44 @@ def worker_output_to_log(stage_dir: str | Path) -> Iterator[None]:
             os.close(saved[1])
 
 
-class ProgressFile:
-    """Rank 0's side of the console's progress bar: ``<stage>/progress.json`` with the step, the total,
-    the last evaluation and the step a resumed run started from; written at most every ``interval_s``
-    (and at every evaluation), atomically."""
+class StageProgress:
+    """What rank 0 tells people watching a stage, after each evaluation: ``metrics.jsonl``, TensorBoard
+    events and ``progress.json`` (the driver's progress bar; also rewritten at most every ``interval_s``
+    between evaluations) in the stage folder (best effort: the folder may be on another node), and a log
+    line (``describe(metrics)``). ``unit`` is the metrics' position key: ``step`` or ``epoch``."""
 
-    def __init__(self, stage_dir: str | Path, total: int, unit: str = "step", interval_s: float = 1.0):
-        self.path = Path(stage_dir) / PROGRESS_FILE
-        self.enabled = Path(stage_dir).is_dir()
-        self.state = {"position": 0, "total": total, "unit": unit, "last": {}, "resumed_from": 0, "started": time.time()}
+    def __init__(self, stage_dir: str | Path, total: int, start: int, describe: Callable[[dict], str],
+                 tensorboard: bool = True, unit: str = "step", interval_s: float = 1.0):
+        self.stage_dir, self.unit, self.describe = Path(stage_dir), unit, describe
+        self.enabled = self.stage_dir.is_dir()
+        self.tensorboard = TensorBoardLog(stage_dir, tensorboard)
+        self.state = {"position": start, "total": total, "unit": unit, "last": {}, "resumed_from": start, "started": time.time()}
         self.interval_s, self.written = interval_s, 0.0
-
-    def start(self, position: int) -> None:
-        self.state.update(position=position, resumed_from=position)
         self._write()
 
     def step(self, position: int, *_ignored) -> None:
+        """``LoopSettings.on_step``: the bar moves between evaluations."""
         self.state["position"] = position
         if time.monotonic() - self.written >= self.interval_s:
             self._write()
 
-    def evaluated(self, position: int, metrics: dict) -> None:
+    def evaluated(self, metrics: dict) -> None:
+        position = metrics[self.unit]
+        if self.enabled:
+            with open(self.stage_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+        self.tensorboard.log(metrics, position)
         self.state.update(position=position, last=metrics)
         self._write()
+        logger.info("[%s] %s", self.stage_dir.name, self.describe(metrics))
+
+    def close(self) -> None:
+        self.tensorboard.close()  # drains the event writer's queue
 
     def _write(self) -> None:
         if self.enabled:
             self.written = time.monotonic()
-            atomic_write_json(self.path, self.state)
+            atomic_write_json(self.stage_dir / PROGRESS_FILE, self.state)
 
 
 @contextmanager

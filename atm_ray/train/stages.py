@@ -43,9 +43,9 @@ from atm_ray.train.engine import (
 )
 from atm_ray.train.faults import ExitAtStep, fault_from_environment
 from atm_ray.train.modeling import build_masked_lm
-from atm_ray.train.runner import ProgressFile, fit_with_ray, publish_stage, stage_hash, up_to_date, worker_output_to_log
+from atm_ray.train.runner import StageProgress, fit_with_ray, publish_stage, stage_hash, up_to_date, worker_output_to_log
 from atm_ray.train.stage_table import DISTILL_STAGES, DOMAINS, PRETRAIN_STAGES, STAGES, Stage, settings_at
-from atm_ray.tracking import TensorBoardLog, check_tracking
+from atm_ray.tracking import check_tracking
 from atm_ray.utils import console_logging, settings_hash
 
 logger = logging.getLogger(__name__)
@@ -219,32 +219,6 @@ def describe_evaluation(metrics: dict) -> str:
     return f"step {metrics['step']}: {', '.join(shown)}"
 
 
-class StageProgress:
-    """What rank 0 tells people watching a stage: ``metrics.jsonl``, TensorBoard events and
-    ``progress.json`` (the driver's progress bar) in the stage folder (best effort: the folder may be on
-    another node), and a log line per evaluation."""
-
-    def __init__(self, stage_dir: str, steps: int, tensorboard: bool, start_step: int):
-        self.stage_dir, self.steps = stage_dir, steps
-        self.tensorboard = TensorBoardLog(stage_dir, tensorboard)
-        self.progress = ProgressFile(stage_dir, steps)
-        self.progress.start(start_step)
-        self.step = self.progress.step
-
-    def __call__(self, metrics: dict) -> None:
-        if "written/mlm_loss" not in metrics:  # a checkpoint without an evaluation
-            return
-        if os.path.isdir(self.stage_dir):
-            with open(os.path.join(self.stage_dir, "metrics.jsonl"), "a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
-        self.tensorboard.log(metrics, metrics["step"])
-        self.progress.evaluated(metrics["step"], metrics)
-        logger.info("[%s] %s", Path(self.stage_dir).name, describe_evaluation(metrics))
-
-    def close(self) -> None:
-        self.tensorboard.close()  # drains the event writer's queue
-
-
 # ---------------------------------------------------------------------- Ray Train
 
 
@@ -297,11 +271,12 @@ def _stage_train_worker(loop_config: dict, plan: StagePlan) -> None:
     if loop_config.get("replay_shards"):
         replay = endless(RayShardSource(loop_config["replay_shards"][rank], replay_size, config.seed + 1), position)
 
-    progress = StageProgress(plan.stage_dir, settings.steps, config.tracking.tensorboard, trainer.step) if rank == 0 else None
+    progress = StageProgress(plan.stage_dir, settings.steps, trainer.step, describe_evaluation,
+                             config.tracking.tensorboard) if rank == 0 else None
 
     def report(metrics: dict, directory: str | None) -> None:
-        if progress:
-            progress(metrics)
+        if progress and "written/mlm_loss" in metrics:  # not a checkpoint without an evaluation
+            progress.evaluated(metrics)
         saved = ray.train.Checkpoint.from_directory(directory) if directory else None
         ray.train.report(metrics, checkpoint=saved)
         if directory:
@@ -421,11 +396,12 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
         torch.distributed.barrier()
         return str(directory)
 
-    progress = StageProgress(plan.stage_dir, settings.steps, config.tracking.tensorboard, trainer.step) if rank == 0 else None
+    progress = StageProgress(plan.stage_dir, settings.steps, trainer.step, describe_evaluation,
+                             config.tracking.tensorboard) if rank == 0 else None
 
     def report(metrics: dict, directory: str | None) -> None:
-        if progress:
-            progress(metrics)
+        if progress and "written/mlm_loss" in metrics:  # not a checkpoint without an evaluation
+            progress.evaluated(metrics)
         if directory:
             torch.distributed.barrier()  # every rank has written its shards and RNG state
         if directory and rank == 0:
