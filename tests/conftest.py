@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from atm_ray.utils import VERBOSE_ENV
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,10 +19,10 @@ DISTRIBUTED = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
 
 def clean_environment(**extra: str) -> dict[str, str]:
     """This process's environment for a child command that starts its own process group, Ray and
-    Serve: without the rendezvous, Ray address and Serve ingress variables the tests set here."""
+    Serve: without the rendezvous, Ray address, Serve ingress and ``-v`` variables the tests set here."""
     environment = {
         name: value for name, value in os.environ.items()
-        if name not in DISTRIBUTED and name != "RAY_ADDRESS" and not name.startswith("RAY_SERVE_")
+        if name not in DISTRIBUTED and name not in ("RAY_ADDRESS", VERBOSE_ENV) and not name.startswith("RAY_SERVE_")
     }
     return {**environment, **extra}
 

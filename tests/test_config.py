@@ -116,7 +116,9 @@ def test_a_failing_stage_is_two_lines_and_a_saved_traceback(tmp_path, capsys, mo
     assert len(lines) == 2 and str(run_dir / "logs") in lines[1]
     (saved,) = (run_dir / "logs").glob("atm-ray-error-*.log")
     assert "RuntimeError: Training failed" in saved.read_text() and "ValueError" in saved.read_text()
-    monkeypatch.delenv("ATM_RAY_VERBOSE", raising=False)  # -v sets it for Ray workers; gone after the test
+    # -v sets it for Ray workers; setenv (not delenv, which records nothing when it is unset) makes the
+    # teardown remove it, or every later test's Ray workers would print to the console
+    monkeypatch.setenv("ATM_RAY_VERBOSE", "0")
     with pytest.raises(RuntimeError):
         main(["-v", "pretrain", "--stage", "1", "--preset", "tiny", "--run-dir", str(run_dir)])
     from atm_ray.utils import console_logging

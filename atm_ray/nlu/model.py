@@ -85,7 +85,7 @@ class RobertaPreLayerNormForIntentAndSlots(RobertaPreLayerNormPreTrainedModel):
 
 def register_auto_classes() -> None:
     """``AutoConfig`` / ``AutoModel`` load an atm-ray export as the joint model, without
-    ``trust_remote_code`` (``import atm_ray`` calls this)."""
+    ``trust_remote_code`` (``import atm_ray.nlu`` calls this)."""
     AutoConfig.register(IntentSlotsConfig.model_type, IntentSlotsConfig, exist_ok=True)
     AutoModel.register(IntentSlotsConfig, RobertaPreLayerNormForIntentAndSlots, exist_ok=True)
 
