@@ -52,6 +52,42 @@ def _configure_deepspeed_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+@contextlib.contextmanager
+def _op_build_lock() -> Iterator[None]:
+    """DeepSpeed builds its ops on first use (on the CPU backend: the shared-memory all-reduce) through
+    torch's JIT loader, whose only guard is a bare ``lock`` file in the op's build folder that nobody
+    removes when the builder is killed (Ctrl-C or a timeout during the first run): every later run then
+    waits on it forever, silently, its output in a log file. Our builders take this flock first, which the
+    kernel drops with its holder, so a ``lock`` file found while holding it is stale."""
+    import fcntl
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # torch's layout: $TORCH_EXTENSIONS_DIR/<op>/ or <default root>/py311_cpu/<op>/
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "atm-ray-build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            for stale in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+                logger.warning("removing %s, left by an op build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_deepspeed_ops() -> None:
+    """Build (or load the cached build of) the ops DeepSpeed's communication backend loads in
+    ``init_distributed``, before it does: there the build would run while other ranks wait in the
+    rendezvous, so it cannot be done under a lock shared with them."""
+    _configure_deepspeed_environment()
+    from deepspeed.comm.torch import build_shm_op
+
+    with _op_build_lock():
+        build_shm_op()  # None where the accelerator has no such op (CUDA)
+
+
 def clips_outside_deepspeed(engine: EngineConfig) -> bool:
     """Without ZeRO, gradients sit on the parameters and torch's fused (foreach) clipping is used:
     DeepSpeed's own clips parameter by parameter from Python, which costs ~5% of a 2.3B model's step
@@ -116,7 +152,7 @@ class MlmTrainer:
         mask_probability: float = 0.15,
         seed: int = 0,
     ):
-        _configure_deepspeed_environment()
+        build_deepspeed_ops()
         import deepspeed
 
         if not torch.distributed.is_initialized():

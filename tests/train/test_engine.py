@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +196,27 @@ def test_zero3_with_gradient_accumulation_exports_the_trained_weights(prepared_r
     batches = load_config("tiny").pretrain.stage1.eval_batches
     # the gathered ZeRO-3 export scores the held-out set exactly as the engine did at the last step
     assert _heldout_loss(model, rows, batches) == pytest.approx(history[-1]["written/mlm_loss"], rel=1e-4)
+
+
+def test_a_stale_op_build_lock_from_a_killed_run_does_not_hang_the_next(prepared_run, tmp_path):
+    """Ctrl-C during DeepSpeed's first op build leaves torch's bare `lock` file behind; the next run used
+    to wait on it forever. The cached build is copied where it exists (else the op builds here)."""
+    import shutil
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    extensions = tmp_path / "torch_extensions"
+    extensions.mkdir()
+    for cached in Path(get_default_build_root()).glob("py*_cpu/deepspeed_shm_comm"):
+        shutil.copytree(cached, extensions / cached.name, ignore=shutil.ignore_patterns("lock"))
+    (extensions / "deepspeed_shm_comm").mkdir(exist_ok=True)
+    stale = extensions / "deepspeed_shm_comm" / "lock"
+    stale.touch()
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared_run / "prepared" / "prepare", run_dir / "prepare")
+    command = [sys.executable, "-m", "atm_ray.cli", "pretrain", "--stage", "1", "--no-ray", "--run-dir", str(run_dir),
+               *SHORT_RUN, "pretrain.stage1.steps=4"]
+    finished = subprocess.run(command, env=clean_environment(TORCH_EXTENSIONS_DIR=str(extensions)),
+                              capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert not stale.exists() and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()
