@@ -32,6 +32,17 @@ class ClientError(Exception):
         return {"error": {"code": self.code, "message": _printable(self.message, 500), "field": None if self.field is None else _printable(self.field, 100)}}
 
 
+class LedgerUnavailable(Exception):
+    """The A/B ledger did not answer in time (it is restarting): 503 with ``Retry-After``; nothing the
+    client sent is lost (records wait in the replica; feedback can be sent again)."""
+
+    retry_after_s = 5
+
+    def body(self) -> dict:
+        return {"error": {"code": "ab_ledger_unavailable", "field": None,
+                          "message": f"the A/B ledger is restarting; retry in {self.retry_after_s} s"}}
+
+
 def _printable(text: str, limit: int) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
 
@@ -153,6 +164,7 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": description} 
     400: "not JSON, not UTF-8, or an unknown arm header", 413: "body over the size limit",
     422: "a field is missing, of the wrong type or out of range",
 }.items()}
+LEDGER_RESPONSES = {503: {"model": ErrorResponse, "description": "the A/B ledger is restarting (Retry-After)"}}
 
 REQUEST_MODELS = (ParseRequest, BatchRequest, FeedbackRequest)
 

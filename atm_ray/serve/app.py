@@ -37,6 +37,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 
@@ -45,11 +46,13 @@ from atm_ray.serve.ab import Arm, ArmRouter, Ledger
 from atm_ray.serve.api import (
     ERROR_RESPONSES,
     FORCE_ARM_HEADER,
+    LEDGER_RESPONSES,
     BatchRequest,
     BatchResponse,
     ClientError,
     FeedbackRequest,
     FeedbackResponse,
+    LedgerUnavailable,
     ParseRequest,
     ParseResponse,
     add_request_schemas,
@@ -110,6 +113,9 @@ class ServeSettings(BaseModel):
     num_cpus: float = Field(1.0, ge=0)
     autoscaling: dict | None = None  # Serve's autoscaling_config; replaces num_replicas
     ledger_flush_s: float = Field(0.1, gt=0)
+    # feedback and the report wait this long for the ledger, then answer 503 (Serve replaces a killed
+    # ledger within its health-check period, ~10 s; a request would otherwise hang that long)
+    ledger_timeout_s: float = Field(3.0, gt=0)
     state_dir: str | None = None  # the A/B ledger is kept here across restarts and redeploys
     persist_s: float = Field(2.0, gt=0)
 
@@ -164,6 +170,10 @@ def api_factory() -> FastAPI:
     async def client_error(_request: Request, error: ClientError):
         return JSONResponse(error.body(), status_code=error.status)
 
+    @app.exception_handler(LedgerUnavailable)
+    async def ledger_unavailable(_request: Request, error: LedgerUnavailable):
+        return JSONResponse(error.body(), status_code=503, headers={"Retry-After": str(error.retry_after_s)})
+
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
@@ -189,7 +199,7 @@ def api_factory() -> FastAPI:
 
     @app.post("/v1/feedback", response_model=FeedbackResponse, openapi_extra=request_body(FeedbackRequest),
               responses={**ERROR_RESPONSES, 404: ERROR_RESPONSES[422] | {"description": "no parsed request has this id"},
-                         409: ERROR_RESPONSES[422] | {"description": "feedback for this id was already given"}})
+                         409: ERROR_RESPONSES[422] | {"description": "feedback for this id was already given"}, **LEDGER_RESPONSES})
     async def feedback(request: Request, nlu=service):
         verdict = validate(FeedbackRequest, await nlu.read_json(request))
         outcome = await nlu.feedback(verdict.request_id, verdict.satisfied)
@@ -199,10 +209,10 @@ def api_factory() -> FastAPI:
             raise ClientError(409, "duplicate_feedback", f"feedback for {verdict.request_id!r} was already recorded", "request_id")
         return {"recorded": True, "request_id": verdict.request_id}
 
-    @app.get("/v1/ab/report")
+    @app.get("/v1/ab/report", responses=LEDGER_RESPONSES)
     async def report(nlu=service):
         await nlu.flush()
-        report = await nlu.ledger.report.remote()
+        report = await nlu.ask_ledger("report")
         return {"experiment_salt": nlu.settings.salt, "split": nlu.router.shares(), "shadow_arm": nlu.settings.shadow, **report}
 
     @app.get("/v1/models")
@@ -382,18 +392,32 @@ class NluService:
             self.flusher = asyncio.get_running_loop().create_task(self._flush_forever())
 
     async def _flush_forever(self) -> None:
+        down = False
         while True:
             await asyncio.sleep(self.settings.ledger_flush_s)
             try:
                 await self.flush()
-            except Exception:  # the ledger restarting must not stop the replica answering
-                logger.exception("could not send A/B records to the ledger")
+            except Exception as error:  # the ledger restarting must not stop the replica answering
+                if not down:  # once per outage, not every flush interval
+                    logger.warning("could not send A/B records to the ledger (%s); keeping them", error.__cause__ or error)
+                down = True
+            else:
+                if down:
+                    logger.warning("the A/B ledger answers again; kept records sent")
+                down = False
+
+    async def ask_ledger(self, method: str, *args):
+        """A call to the ledger, or ``LedgerUnavailable`` after ``ledger_timeout_s`` or if it died."""
+        try:
+            return await asyncio.wait_for(getattr(self.ledger, method).remote(*args), self.settings.ledger_timeout_s)
+        except (asyncio.TimeoutError, RayActorError) as error:
+            raise LedgerUnavailable() from error
 
     async def flush(self) -> None:
         if self.pending:
             entries, self.pending = self.pending, []
             try:
-                await self.ledger.record.remote(entries)
+                await self.ask_ledger("record", entries)
             except Exception:
                 # the ledger is restarting: keep the records for the next flush (bounded, oldest dropped)
                 self.pending = (entries + self.pending)[-MAX_PENDING_RECORDS:]
@@ -404,7 +428,7 @@ class NluService:
         # the request may have been answered by another replica: its records reach the ledger within
         # that replica's flush interval, so an unknown id is asked about again before it is refused
         for _ in range(4):
-            outcome = await self.ledger.feedback.remote(request_id, satisfied)
+            outcome = await self.ask_ledger("feedback", request_id, satisfied)
             if outcome != "unknown":
                 break
             await asyncio.sleep(self.settings.ledger_flush_s)

@@ -508,17 +508,27 @@ def test_ab_state_survives_replicas_restarts_redeploys_and_new_splits(endpoint, 
         assert counts() == expected
 
         time.sleep(1.0)  # past persist_s: the ledger has written its state
-        (ledger,) = [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
-                     if entry["namespace"] == "serve" and "declared#AbLedger" in entry["name"]]
-        ray.kill(ray.get_actor(ledger, namespace="serve"), no_restart=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:  # Serve starts a new ledger replica, which reads state_dir
-            try:
-                if counts() == expected:
-                    break
-            except (requests.RequestException, KeyError, ValueError):
-                pass
+        def ledgers():
+            return [entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+                    if entry["namespace"] == "serve" and "declared#AbLedger" in entry["name"]]
+
+        (killed,) = ledgers()
+        ray.kill(ray.get_actor(killed, namespace="serve"), no_restart=True)
+        # ray.kill only asks, and the old ledger may answer for a moment: done when Serve has started
+        # another ledger replica (it reads state_dir) and the report answers
+        deadline, answers = time.time() + 120, []
+        while time.time() < deadline:
+            started = time.perf_counter()
+            response = requests.get(f"{url}/v1/ab/report", timeout=30)
+            answers.append((response.status_code, round(time.perf_counter() - started, 2)))
+            # meanwhile: a quick 503 that says when to retry, never a 500 or a request left hanging
+            assert response.status_code in (200, 503) and answers[-1][1] < 3.0 + 2.0, (answers, response.text)
+            if response.status_code == 503:
+                assert response.json()["error"]["code"] == "ab_ledger_unavailable" and response.headers["retry-after"]
+            elif [name for name in ledgers() if name != killed]:
+                break
             time.sleep(0.5)
+        assert answers[-1][0] == 200 and [name for name in ledgers() if name != killed], answers
         assert counts() == expected
 
         time.sleep(1.0)
