@@ -52,3 +52,33 @@ def test_ctrl_c_prints_the_resume_command_and_the_console_stays_quiet(tmp_path):
     repeated = {line: count for line, count in Counter(line for line in output.splitlines() if line.strip()).items() if count > 1}
     assert not repeated, repeated
     assert len(output.splitlines()) < 30, output
+
+
+def test_a_run_without_ray_draws_a_progress_bar_on_a_terminal(tmp_path):
+    """--no-ray (the engine loop in this process) on a terminal: tqdm's bar for the stage, the evaluation
+    lines above it; without a terminal (every other test) no bar."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    process = subprocess.Popen([*_command(tmp_path / "run")[:-len(STAGE)], "--no-ray", *STAGE, "pretrain.stage1.steps=20"],
+                               env=clean_environment(), stdout=secondary, stderr=secondary, close_fds=True)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=600) == 0, b"".join(chunks)[-3000:]
+    os.close(primary)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert "teacher_stage1:" in shown and "/20 [" in shown, shown[-3000:]  # tqdm's "teacher_stage1: 50%|… 10/20 [00:05<…"
+    assert "[teacher_stage1] step 20: train_loss" in shown

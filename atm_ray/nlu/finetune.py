@@ -436,7 +436,7 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
             yield {name: array[picked] for name, array in encoded.items()}
 
     progress = StageProgress(plan.stage_dir, settings.max_epochs, trainer.epoch, describe_epoch,
-                             config.tracking.tensorboard, unit="epoch")
+                             config.tracking.tensorboard, unit="epoch", bar=True)
 
     def report(metrics: dict, trainer: NluTrainer) -> None:
         partial = latest.parent / ".partial"

@@ -10,6 +10,7 @@ which Ray Train's driver turns into ``ray.train.report`` and the single-process 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -84,7 +85,7 @@ def build_deepspeed_ops() -> None:
     _configure_deepspeed_environment()
     from deepspeed.comm.torch import build_shm_op
 
-    with _op_build_lock():
+    with _op_build_lock(), contextlib.redirect_stdout(io.StringIO()):  # its "built successfully": DeepSpeed prints it again
         build_shm_op()  # None where the accelerator has no such op (CUDA)
 
 

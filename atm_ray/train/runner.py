@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from atm_ray.config import Config, TrackingConfig
@@ -129,17 +129,21 @@ class StageProgress:
     line (``describe(metrics)``). ``unit`` is the metrics' position key: ``step`` or ``epoch``."""
 
     def __init__(self, stage_dir: str | Path, total: int, start: int, describe: Callable[[dict], str],
-                 tensorboard: bool = True, unit: str = "step", interval_s: float = 1.0):
+                 tensorboard: bool = True, unit: str = "step", interval_s: float = 1.0, bar: bool = False):
         self.stage_dir, self.unit, self.describe = Path(stage_dir), unit, describe
         self.enabled = self.stage_dir.is_dir()
         self.tensorboard = TensorBoardLog(stage_dir, tensorboard)
         self.state = {"position": start, "total": total, "unit": unit, "last": {}, "resumed_from": start, "started": time.time()}
         self.interval_s, self.written = interval_s, 0.0
+        # in-process runs (--no-ray) draw the bar here; under Ray the driver draws it from progress.json
+        self.bar = StageBar(self.stage_dir.name, total, start, unit) if bar else None
         self._write()
 
     def step(self, position: int, *_ignored) -> None:
         """``LoopSettings.on_step``: the bar moves between evaluations."""
         self.state["position"] = position
+        if self.bar:
+            self.bar.move(position)
         if time.monotonic() - self.written >= self.interval_s:
             self._write()
 
@@ -151,10 +155,15 @@ class StageProgress:
         self.tensorboard.log(metrics, position)
         self.state.update(position=position, last=metrics)
         self._write()
-        logger.info("[%s] %s", self.stage_dir.name, self.describe(metrics))
+        line = self.describe(metrics)
+        logger.info("[%s] %s", self.stage_dir.name, line)
+        if self.bar:
+            self.bar.move(position, line)
 
     def close(self) -> None:
         self.tensorboard.close()  # drains the event writer's queue
+        if self.bar:
+            self.bar.close()
 
     def _write(self) -> None:
         if self.enabled:
@@ -166,9 +175,6 @@ class StageProgress:
 def watch_progress(stage_dir: str | Path, describe: Callable[[dict], str]) -> Iterator[None]:
     """The driver's side: while a Ray stage runs, a progress bar from rank 0's ``progress.json`` (on a
     terminal) and a console line per evaluation (``describe(metrics)``); where the workers' logs are."""
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     stage_dir = Path(stage_dir)
     path, name = stage_dir / PROGRESS_FILE, stage_dir.name
     path.unlink(missing_ok=True)  # a previous run's
@@ -176,7 +182,7 @@ def watch_progress(stage_dir: str | Path, describe: Callable[[dict], str]) -> It
         logger.info("[%s] started; its workers' logs: %s", name, stage_log_file(stage_dir))
     stop = threading.Event()
     shown: dict = {"last": None, "resumed": False}
-    bar = tqdm(desc=name, unit="step", disable=None, dynamic_ncols=True, leave=False)
+    bar = StageBar(name)
 
     def poll() -> None:
         try:
@@ -186,29 +192,57 @@ def watch_progress(stage_dir: str | Path, describe: Callable[[dict], str]) -> It
         if state["resumed_from"] and not shown["resumed"]:
             shown["resumed"] = True
             logger.info("[%s] resumed from the checkpoint of %s %d", name, state["unit"], state["resumed_from"])
-        bar.unit, bar.total = state["unit"], state["total"]
-        bar.n = state["position"]
+        line = None
         if state["last"] and state["last"] != shown["last"]:
             shown["last"] = state["last"]
-            logger.info("[%s] %s", name, describe(state["last"]))
-            bar.set_postfix_str(describe(state["last"]).split(": ", 1)[-1][:60], refresh=False)
-        bar.refresh()
+            line = describe(state["last"])
+            logger.info("[%s] %s", name, line)
+        bar.move(state["position"], line, total=state["total"], unit=state["unit"])
 
     def loop() -> None:
         while not stop.wait(0.5):
             poll()
 
     thread = threading.Thread(target=loop, name=f"progress-{name}", daemon=True)
-    # on a terminal, log lines go above the bar instead of through it
-    with logging_redirect_tqdm(loggers=[logging.getLogger("atm_ray")]) if not bar.disable else nullcontext():
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-            poll()
-            bar.close()
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        poll()
+        bar.close()
+
+
+class StageBar:
+    """A stage's tqdm bar on a terminal (none otherwise); while it shows, our log lines go above it."""
+
+    def __init__(self, name: str, total: int | None = None, start: int = 0, unit: str = "step"):
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self.bar = tqdm(desc=name, total=total, initial=start, unit=unit, disable=None, dynamic_ncols=True, leave=False)
+        self.redirect = None
+        if not self.bar.disable:
+            self.redirect = logging_redirect_tqdm(loggers=[logging.getLogger("atm_ray")])
+            self.redirect.__enter__()
+
+    def move(self, position: int, line: str | None = None, total: int | None = None, unit: str | None = None) -> None:
+        if self.bar.disable:
+            return
+        if total is not None:
+            self.bar.total, self.bar.unit = total, unit or self.bar.unit
+        if line:
+            self.bar.set_postfix_str(line.split(": ", 1)[-1][:60], refresh=False)
+            self.bar.n = position
+            self.bar.refresh()
+        else:
+            self.bar.update(position - self.bar.n)  # redraws at most every tqdm's mininterval
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.redirect is not None:
+            self.redirect.__exit__(None, None, None)
 
 
 def fit_with_ray(

@@ -397,7 +397,7 @@ def run_stage_local(config: Config, plan: StagePlan, prepared: PreparedData) -> 
         return str(directory)
 
     progress = StageProgress(plan.stage_dir, settings.steps, trainer.step, describe_evaluation,
-                             config.tracking.tensorboard) if rank == 0 else None
+                             config.tracking.tensorboard, bar=True) if rank == 0 else None
 
     def report(metrics: dict, directory: str | None) -> None:
         if progress and "written/mlm_loss" in metrics:  # not a checkpoint without an evaluation
