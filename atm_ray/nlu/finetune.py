@@ -537,7 +537,7 @@ def model_card(config: Config, plan: FinetunePlan, data: NluData, best: dict, te
 A pre-LayerNorm RoBERTa encoder with an intent head (first token) and a slot head (first sub-word of
 each word), fine-tuned by atm-ray (preset `{config.name}`). Parse with
 `atm_ray.nlu.Parser("{plan.name}/export").parse(["set an alarm for 7 am"])`, or load the model with
-transformers' `AutoModel.from_pretrained("{plan.name}/export")` after `import atm_ray.nlu` (no remote code).
+transformers' `AutoModel.from_pretrained("{plan.name}/export")` after `import atm_ray` (no remote code).
 
 ## Parent model
 {plan.parent}

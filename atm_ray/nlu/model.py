@@ -85,7 +85,8 @@ class RobertaPreLayerNormForIntentAndSlots(RobertaPreLayerNormPreTrainedModel):
 
 def register_auto_classes() -> None:
     """``AutoConfig`` / ``AutoModel`` load an atm-ray export as the joint model, without
-    ``trust_remote_code`` (``import atm_ray.nlu`` calls this)."""
+    ``trust_remote_code``. Called at the end of this module, which ``atm_ray.hf_auto`` imports once
+    transformers' Auto modules load in a process that imported ``atm_ray``."""
     AutoConfig.register(IntentSlotsConfig.model_type, IntentSlotsConfig, exist_ok=True)
     AutoModel.register(IntentSlotsConfig, RobertaPreLayerNormForIntentAndSlots, exist_ok=True)
 
@@ -297,3 +298,6 @@ class Parser:
                 "fallback": fallback,
             })
         return results
+
+
+register_auto_classes()

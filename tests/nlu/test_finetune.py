@@ -119,12 +119,12 @@ def test_export_round_trips_and_the_parser_gives_character_spans(encoder_dir, tm
 
 
 def test_export_loads_through_transformers_auto_classes(nlu_models):
-    """One call, no trust_remote_code, in a fresh interpreter where only `import atm_ray.nlu` ran."""
+    """One call, no trust_remote_code, in a fresh interpreter where only `import atm_ray` ran."""
     import subprocess
     import sys
 
     script = (
-        "import sys, atm_ray.nlu, torch\n"
+        "import sys, atm_ray, torch\n"
         "from transformers import AutoConfig, AutoModel, AutoTokenizer\n"
         "model = AutoModel.from_pretrained(sys.argv[1]).eval()\n"
         "assert type(model).__name__ == 'RobertaPreLayerNormForIntentAndSlots', type(model)\n"
