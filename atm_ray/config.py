@@ -327,6 +327,25 @@ class TrackingConfig(Strict):
     mlflow_experiment: str = "atm-ray"
 
 
+class TeachersConfig(Strict):
+    """Teachers you already have: ``save_pretrained`` folders of any ``AutoModelForMaskedLM`` (BERT, RoBERTa,
+    XLM-R, DeBERTa-v2, ...) with their tokenizer, weights in safetensors. A given teacher replaces the
+    stage that would train it, and its tokenizer replaces the one ``prepare`` would train: the data, the
+    students, fine-tuning and serving all use it.
+
+    ``stage2`` unset: Stage 2 continues the given Stage-1 teacher's masked LM on spoken text (the recipe);
+    a folder: that teacher, no Stage 2; ``skip``: no Stage 2, the Stage-1 teacher teaches throughout."""
+
+    stage1: str | None = None
+    stage2: str | None = None
+
+    @model_validator(mode="after")
+    def _stage1_first(self) -> "TeachersConfig":
+        if self.stage2 is not None and self.stage1 is None:
+            raise ValueError("stage2 needs stage1 too (the Stage-1 teacher and the tokenizer): give teachers.stage1")
+        return self
+
+
 class Config(Strict):
     name: str
     seed: int = 0
@@ -340,6 +359,7 @@ class Config(Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig)
 
     @model_validator(mode="after")
     def _models_exist(self) -> "Config":

@@ -5,8 +5,8 @@ load an atm-ray export without ``trust_remote_code``. Registering needs the mode
 transformers (6–10 s on an idle 2-core machine), while ``import atm_ray`` costs 0.04 s and is paid by every
 Ray process: the A/B ledger's replica, each task and actor, ``atm-ray --help``. So ``import atm_ray`` only
 installs a post-import hook, and registration happens when the process imports
-``transformers.models.auto.configuration_auto`` or ``modeling_auto`` (``AutoConfig``, ``AutoModel`` and
-``AutoTokenizer`` each do); torch is already imported by then, so it adds only our model module.
+one of ``transformers.models.auto``'s ``configuration_auto``, ``modeling_auto`` or ``tokenization_auto``
+(``AutoConfig``, ``AutoModel`` and ``AutoTokenizer`` each do); torch is already imported by then, so it adds only our model module.
 (``wrapt.register_post_import_hook`` does this too, but importing wrapt alone costs 0.11 s.)
 """
 
@@ -19,16 +19,32 @@ import warnings
 
 AUTO_CONFIG = "transformers.models.auto.configuration_auto"
 AUTO_MODEL = "transformers.models.auto.modeling_auto"
+AUTO_TOKENIZER = "transformers.models.auto.tokenization_auto"
+AUTO_MODULES = (AUTO_CONFIG, AUTO_MODEL, AUTO_TOKENIZER)
 MODEL_MODULE = "atm_ray.nlu.model"  # registers the Auto classes at the end of its own import
+
+
+def _initializing(name: str) -> bool:
+    """Whether module ``name`` is imported but still executing (importlib marks its spec meanwhile)."""
+    module = sys.modules.get(name)
+    return module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
+_pending = {"registration": False}
 
 
 def _register(loaded: str) -> None:
     if MODEL_MODULE in sys.modules:
         return  # imported (so registered) or being imported (it registers when it finishes)
-    if loaded == AUTO_CONFIG and AUTO_MODEL in sys.modules:
-        # configuration_auto was imported by modeling_auto, which is still executing: importing our model
-        # now would import a half-initialised modeling_auto. Its own hook registers when it finishes.
+    half_done = [name for name in (*AUTO_MODULES, *(name for name in sys.modules if name.startswith("atm_ray.")))
+                 if name != loaded and _initializing(name)]
+    if half_done:
+        # e.g. configuration_auto finished inside tokenization_auto's import, or inside the import of one of
+        # our modules: our model imports AutoTokenizer and our modules, some only half-initialised now. The
+        # outer import's hook registers when it finishes.
+        _pending["registration"] = True
         return
+    _pending["registration"] = False
     try:
         importlib.import_module(MODEL_MODULE)
     except Exception as error:  # a failure here must not break the user's import of transformers
@@ -46,7 +62,8 @@ class _NotifyingLoader:
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        _register(self._name)
+        if self._name in AUTO_MODULES or _pending["registration"]:
+            _register(self._name)
 
     def __getattr__(self, attribute):
         return getattr(self._loader, attribute)
@@ -56,7 +73,10 @@ class _AutoModulesFinder(importlib.abc.MetaPathFinder):
     """Finds nothing itself: asks the other finders for transformers' Auto modules and wraps their loader."""
 
     def find_spec(self, name, path, target=None):
-        if name not in (AUTO_CONFIG, AUTO_MODEL) or MODEL_MODULE in sys.modules:
+        if MODEL_MODULE in sys.modules:
+            return None
+        # our own modules too: one that imports transformers' Auto modules finishes after them
+        if name not in AUTO_MODULES and not name.startswith("atm_ray."):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -71,7 +91,7 @@ class _AutoModulesFinder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Registers now if transformers' Auto modules are already loaded, else when they load."""
-    loaded = [name for name in (AUTO_MODEL, AUTO_CONFIG) if name in sys.modules]
+    loaded = [name for name in AUTO_MODULES if name in sys.modules and not _initializing(name)]
     if loaded:
         _register(loaded[0])
     if MODEL_MODULE not in sys.modules and not any(isinstance(finder, _AutoModulesFinder) for finder in sys.meta_path):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from atm_ray.config import ModelShape
 from atm_ray.train.engine import EXPORT_DIR
-from atm_ray.data.tokenizer import PAD_ID
 from atm_ray.train.modeling import count_parameters
 from atm_ray.train.stage_table import DOMAINS, FINETUNE_STAGES, INTERMEDIATE_DISTILL, MASKED_LM_STAGES, STAGES
 from atm_ray.utils import atomic_write_text, read_json
@@ -47,7 +46,7 @@ def parameter_counts(export_dir: Path) -> dict | None:
         hidden_size=config["hidden_size"],
         num_heads=config["num_attention_heads"],
         intermediate_size=config["intermediate_size"],
-        max_positions=config["max_position_embeddings"] - PAD_ID - 1,
+        max_positions=config["max_position_embeddings"] - int(config.get("pad_token_id") or 0) - 1,
     )
     count = count_parameters(shape, config["vocab_size"])
     return {"shape": shape, "embedding": count.embedding, "non_embedding": count.non_embedding, "total": count.total}

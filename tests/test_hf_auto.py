@@ -45,8 +45,11 @@ def test_import_atm_ray_stays_light():
         # our model module first (it imports transformers' Auto modules while it is half-initialised)
         "from atm_ray.nlu import Parser\nfrom transformers import AutoModel\n"
         "print(type(AutoModel.from_pretrained(path)).__name__)",
+        # one of our modules that imports transformers' Auto modules while it is itself half-initialised
+        "import atm_ray.data.prepare\nfrom transformers import AutoModel\n"
+        "print(type(AutoModel.from_pretrained(path)).__name__)",
     ],
-    ids=["atm_ray-first", "autoconfig-alone", "transformers-first", "parser-first"],
+    ids=["atm_ray-first", "autoconfig-alone", "transformers-first", "parser-first", "data-module-first"],
 )
 def test_export_loads_through_auto_classes_in_any_import_order(export, script):
     loaded = _python("import sys\npath = sys.argv[1]\n" + script, export)

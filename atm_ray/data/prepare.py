@@ -10,6 +10,7 @@ Output, under ``<run_dir>/prepare``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -27,8 +28,17 @@ from atm_ray.config import DOMAINS, Config, CorpusConfig
 from atm_ray.data import files
 from atm_ray.data.readers import read_text_source, to_spoken_form
 from atm_ray.data.masking import most_frequent_token, pack_batch, tokenize_batch
-from atm_ray.data.tokenizer import load_tokenizer, tokenizer_statistics, train_tokenizer
-from atm_ray.utils import atomic_write_json, read_json
+from atm_ray.data.tokenizer import SpecialTokens, load_tokenizer, tokenizer_statistics, train_tokenizer
+from atm_ray.train.teachers import TOKENIZER_FILES, check_teacher_folder, check_teachers, load_teacher_tokenizer, tokenizer_folder
+from atm_ray.utils import atomic_write_json, read_json, settings_hash
+
+# besides TOKENIZER_FILES, what save_pretrained may write for a tokenizer (hashed when present)
+EXTRA_TOKENIZER_FILES = ("special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spm.model")
+
+
+def files_hash(folder: Path, names: tuple[str, ...]) -> str:
+    return settings_hash({name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+                          for name in names if (folder / name).is_file()})
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +68,10 @@ class PreparedData:
     def vocab_size(self) -> int:
         return self.manifest["vocab_size"]
 
+    @property
+    def special_tokens(self) -> SpecialTokens:
+        return SpecialTokens.from_dict(self.manifest.get("special_tokens"))
+
     def unigram_tokens(self) -> dict[str, int]:
         """The most frequent training token of each domain (the unigram plateau's guess)."""
         recorded = self.manifest.get("most_frequent_token")
@@ -65,7 +79,8 @@ class PreparedData:
             return recorded
         # prepared before this was recorded: count it from the shards
         return {domain: most_frequent_token(pq.read_table(self.shard_dir(domain, "train"), columns=["input_ids"])
-                                          .column("input_ids").combine_chunks().flatten().to_numpy()) for domain in DOMAINS}
+                                          .column("input_ids").combine_chunks().flatten().to_numpy(), self.special_tokens)
+                for domain in DOMAINS}
 
 
 def read_corpus(corpus: CorpusConfig, root: str, strict: bool, seed: int) -> tuple[dict[str, list[dict]], list[str]]:
@@ -106,11 +121,11 @@ def write_shards(table: pa.Table, directory: Path, rows_per_shard: int) -> int:
     return table.num_rows
 
 
-def tokenize_and_pack(records: list[dict], tokenizer, seq_len: int, num_proc: int) -> pa.Table:
+def tokenize_and_pack(records: list[dict], tokenizer, seq_len: int, num_proc: int, special: SpecialTokens) -> pa.Table:
     if not records:
         return SHARD_SCHEMA.empty_table()
     dataset = datasets.Dataset.from_list(records)
-    steps = ((tokenize_batch, {"tokenizer": tokenizer}, "tokenise"), (pack_batch, {"seq_len": seq_len}, "pack"))
+    steps = ((tokenize_batch, {"tokenizer": tokenizer}, "tokenise"), (pack_batch, {"seq_len": seq_len, "special": special}, "pack"))
     for function, arguments, description in steps:
         dataset = dataset.map(
             function,
@@ -128,7 +143,12 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
     """Run the prepare stage, or return its outputs when a finished run with the same config exists."""
     run_dir = Path(run_dir or config.resolved_run_dir())
     output = PreparedData(run_dir / "prepare")
+    check_teachers(config)  # a teacher folder that cannot be used is refused before any work
     config_hash = config.section_hash(*PREPARE_SECTIONS)
+    teacher = tokenizer_folder(config)
+    if teacher:  # the teacher's tokenizer replaces ours: its files are part of what the shards depend on
+        config_hash = settings_hash({"sections": config_hash, "tokenizer": str(Path(teacher).expanduser().resolve()),
+                                     "files": files_hash(Path(teacher).expanduser(), TOKENIZER_FILES + EXTRA_TOKENIZER_FILES)})
     manifest_path = output.root / "manifest.json"
     if not force and manifest_path.is_file() and read_json(manifest_path).get("config_hash") == config_hash:
         logger.info("prepare: up to date in %s", output.root)
@@ -161,11 +181,20 @@ def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_pa
     logger.info("prepare: read %d files, %s", len(reports),
                 ", ".join(f"{len(corpora[domain]['train'])} {domain} training texts" for domain in DOMAINS))
 
-    training_text = [record["text"] for domain in DOMAINS for record in corpora[domain]["train"]]
-    logger.info("prepare: training a %d-piece tokenizer on %d texts", config.tokenizer.vocab_size, len(training_text))
-    tokenizer = train_tokenizer(training_text, config.tokenizer.vocab_size, lowercase=config.tokenizer.lowercase)
+    teacher = tokenizer_folder(config)
+    if teacher:
+        logger.info("prepare: the tokenizer of teacher %s (tokenizer.vocab_size of the preset is not used)", teacher)
+        tokenizer = load_teacher_tokenizer(teacher)
+        vocab_size = check_teacher_folder(teacher, "teachers.stage1")["vocab_size"]  # the model's (may exceed the tokenizer's)
+    else:
+        training_text = [record["text"] for domain in DOMAINS for record in corpora[domain]["train"]]
+        logger.info("prepare: training a %d-piece tokenizer on %d texts", config.tokenizer.vocab_size, len(training_text))
+        tokenizer = train_tokenizer(training_text, config.tokenizer.vocab_size, lowercase=config.tokenizer.lowercase)
     tokenizer.save_pretrained(str(output.tokenizer_dir))
     tokenizer = load_tokenizer(output.tokenizer_dir)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    if not teacher:
+        vocab_size = len(tokenizer)
 
     statistics = {
         domain: tokenizer_statistics(tokenizer, corpora[domain]["heldout"] + corpora[domain]["train"]) for domain in DOMAINS
@@ -178,18 +207,20 @@ def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_pa
         counts[domain] = {}
         for split in SPLITS:
             records = corpora[domain][split]
-            table = tokenize_and_pack(records, tokenizer, data.max_seq_len, data.num_proc)
+            table = tokenize_and_pack(records, tokenizer, data.max_seq_len, data.num_proc, special)
             rows = write_shards(table, output.shard_dir(domain, split), data.shard_rows)
             counts[domain][split] = {"records": len(records), "rows": rows}
             if split == "train":
-                unigram[domain] = most_frequent_token(table.column("input_ids").combine_chunks().flatten().to_numpy())
+                unigram[domain] = most_frequent_token(table.column("input_ids").combine_chunks().flatten().to_numpy(), special)
 
     atomic_write_json(
         manifest_path,
         {
             "stage": "prepare",
             "config_hash": config_hash,
-            "vocab_size": len(tokenizer),
+            "vocab_size": vocab_size,
+            "special_tokens": special.to_dict(),
+            "tokenizer_from": str(Path(teacher).expanduser().resolve()) if teacher else None,
             "seq_len": data.max_seq_len,
             "counts": counts,
             "most_frequent_token": unigram,

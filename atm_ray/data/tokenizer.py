@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -12,6 +13,42 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 # RoBERTa's convention: <s>=0, <pad>=1, </s>=2, <unk>=3; our tokenizer trainer keeps it.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids the masked-LM data needs from a tokenizer: the row's start and separator (``<s>``/``</s>``,
+    or BERT's ``[CLS]``/``[SEP]``), padding and mask, and every special id (never a random replacement).
+    The defaults are our own tokenizer's; a teacher's tokenizer brings its own (``from_tokenizer``)."""
+
+    bos: int = BOS_ID
+    eos: int = EOS_ID
+    pad: int = PAD_ID
+    mask: int = MASK_ID
+    special: tuple[int, ...] = tuple(range(len(SPECIAL_TOKENS)))
+
+    @property
+    def never_masked(self) -> tuple[int, ...]:
+        return (self.bos, self.pad, self.eos, self.mask)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "SpecialTokens":
+        bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        found = {"start (cls_token or bos_token)": bos, "separator (sep_token or eos_token)": eos,
+                 "pad_token": tokenizer.pad_token_id, "mask_token": tokenizer.mask_token_id}
+        missing = [role for role, token_id in found.items() if token_id is None]
+        if missing:
+            raise ValueError(f"the tokenizer has no {', '.join(missing)}: a masked LM's tokenizer needs them")
+        return cls(bos, eos, tokenizer.pad_token_id, tokenizer.mask_token_id, tuple(sorted(set(tokenizer.all_special_ids))))
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "SpecialTokens":
+        """From a manifest's record (absent in runs prepared before teachers' tokenizers: our defaults)."""
+        return cls(**{**values, "special": tuple(values["special"])}) if values else cls()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _covered_characters(texts: list[str], coverage: float, max_characters: int) -> set[str]:

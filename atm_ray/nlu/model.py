@@ -26,7 +26,6 @@ from transformers.utils import logging as hf_logging
 
 from atm_ray.config import AtmRayError
 from atm_ray.data.masking import IGNORE_INDEX
-from atm_ray.data.tokenizer import PAD_ID
 from atm_ray.nlu.metrics import slot_spans
 from atm_ray.utils import is_encodable
 
@@ -149,7 +148,7 @@ def encode_words(
         word_lists = [[word.lower() for word in words] for words in word_lists]
     encoded = tokenizer(word_lists, is_split_into_words=True, truncation=True, max_length=max_seq_len)
     length = max(len(ids) for ids in encoded["input_ids"])
-    input_ids = np.full((len(word_lists), length), PAD_ID, dtype=np.int64)
+    input_ids = np.full((len(word_lists), length), tokenizer.pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(word_lists), length), dtype=np.int64)
     first_positions = []
     for row, ids in enumerate(encoded["input_ids"]):
@@ -168,7 +167,7 @@ def encode_records(tokenizer, records: list[dict], intent_labels: list[str], slo
     each word's first sub-word, the rest are ignored; unseen labels map to ``UNKNOWN_LABEL``."""
     inputs, first_positions = encode_words(tokenizer, [record["tokens"] for record in records], max_seq_len, lowercase)
     count, length = inputs["input_ids"].shape
-    padded = {name: np.pad(array, ((0, 0), (0, max_seq_len - length)), constant_values=PAD_ID if name == "input_ids" else 0) for name, array in inputs.items()}
+    padded = {name: np.pad(array, ((0, 0), (0, max_seq_len - length)), constant_values=tokenizer.pad_token_id if name == "input_ids" else 0) for name, array in inputs.items()}
     intent_index = {label: index for index, label in enumerate(intent_labels)}
     slot_index = {label: index for index, label in enumerate(slot_labels)}
     slots = np.full((count, max_seq_len), IGNORE_INDEX, dtype=np.int64)
@@ -191,7 +190,7 @@ def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int
     per word with its probability (words past the model's length get ``O`` with probability 1)."""
     config = model.config
     device = next(model.parameters()).device
-    max_seq_len = config.max_position_embeddings - PAD_ID - 1
+    max_seq_len = config.max_position_embeddings - config.pad_token_id - 1  # RoBERTa's positions start after padding
     top_k = max(1, min(top_k, len(config.intent_labels) - 1))
     predictions = []
     if model.training:  # eval() walks every module: ~2 ms a call for the 17M student, more than the parse's other work

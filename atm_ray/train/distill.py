@@ -18,8 +18,9 @@ from transformers import AutoModelForMaskedLM
 
 from atm_ray.config import AtmRayError, DistillStageConfig
 from atm_ray.train.engine import MlmTrainer, masked_lm_metrics
+from atm_ray.train.teachers import SAFE_LOADING
 from atm_ray.train.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
-from atm_ray.data.tokenizer import PAD_ID
+from atm_ray.data.tokenizer import SpecialTokens
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ class StudentWithProjection(torch.nn.Module):
         return self.student(**inputs)
 
 
+# the teachers whose layers ``init: teacher_layers`` copies: the student's own architecture (exactly), and
+# post-LayerNorm encoders with BERT's layer layout (mapped, see ``_copy_post_ln_layers``)
+POST_LN_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
+LAYER_COPY_TYPES = ("roberta-prelayernorm", *POST_LN_TYPES)
+
+
 def init_from_teacher_layers(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     """DistilBERT-style: copy the embeddings, the LM head and every k-th teacher layer (same width only)."""
     if student.config.hidden_size != teacher.config.hidden_size:
@@ -44,13 +51,68 @@ def init_from_teacher_layers(student: torch.nn.Module, teacher: torch.nn.Module)
             f"init: teacher_layers needs equal widths; the student has {student.config.hidden_size}, "
             f"the teacher {teacher.config.hidden_size}"
         )
-    student_encoder, teacher_encoder = student.roberta_prelayernorm, teacher.roberta_prelayernorm
     layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    if teacher.config.model_type in POST_LN_TYPES:
+        _copy_post_ln_layers(student, teacher, layer_map)
+        return
+    if teacher.config.model_type != student.config.model_type:
+        raise AtmRayError(
+            f"init: teacher_layers copies layers from {', '.join(LAYER_COPY_TYPES)} teachers, not "
+            f"{teacher.config.model_type!r}: set init: random"
+        )
+    student_encoder, teacher_encoder = student.roberta_prelayernorm, teacher.roberta_prelayernorm
     student_encoder.embeddings.load_state_dict(teacher_encoder.embeddings.state_dict())
     for student_layer, teacher_layer in enumerate(layer_map[1:]):
         student_encoder.encoder.layer[student_layer].load_state_dict(teacher_encoder.encoder.layer[teacher_layer - 1].state_dict())
     student_encoder.LayerNorm.load_state_dict(teacher_encoder.LayerNorm.state_dict())
     student.lm_head.load_state_dict(teacher.lm_head.state_dict())
+
+
+@torch.no_grad()
+def _copy_post_ln_layers(student: torch.nn.Module, teacher: torch.nn.Module, layer_map: list[int]) -> None:
+    """A post-LN teacher (BERT, RoBERTa, XLM-R) into the pre-LN student: every linear map is copied as is;
+    each LayerNorm goes to the place that normalises the same sub-layer's input (the norm after a teacher
+    layer's feed-forward, or the embeddings' norm, feeds the next attention; the norm after its attention
+    feeds its feed-forward; the last layer's output norm is the student's final norm). The two orders of
+    residual and norm differ, so this is a start for distillation, not the same function."""
+
+    def copy(target: torch.nn.Module, source: torch.nn.Module) -> None:
+        target.load_state_dict(source.state_dict())
+
+    base, encoder = teacher.base_model, student.roberta_prelayernorm
+    embeddings = base.embeddings
+    encoder.embeddings.word_embeddings.weight.copy_(embeddings.word_embeddings.weight)
+    encoder.embeddings.token_type_embeddings.weight.copy_(embeddings.token_type_embeddings.weight[:1])
+    copy(encoder.embeddings.LayerNorm, embeddings.LayerNorm)
+    # RoBERTa-style position tables start after the padding id; BERT's at 0
+    teacher_offset = embeddings.padding_idx + 1 if hasattr(embeddings, "padding_idx") else 0
+    student_offset = encoder.embeddings.padding_idx + 1
+    rows = min(encoder.embeddings.position_embeddings.num_embeddings - student_offset,
+               embeddings.position_embeddings.num_embeddings - teacher_offset)
+    encoder.embeddings.position_embeddings.weight[student_offset : student_offset + rows].copy_(
+        embeddings.position_embeddings.weight[teacher_offset : teacher_offset + rows]
+    )
+    teacher_layers = base.encoder.layer
+    for student_index, teacher_number in enumerate(layer_map[1:]):
+        target, source = encoder.encoder.layer[student_index], teacher_layers[teacher_number - 1]
+        for name in ("query", "key", "value"):
+            copy(getattr(target.attention.self, name), getattr(source.attention.self, name))
+        copy(target.attention.output.dense, source.attention.output.dense)
+        copy(target.intermediate.dense, source.intermediate.dense)
+        copy(target.output.dense, source.output.dense)
+        before = embeddings.LayerNorm if teacher_number == 1 else teacher_layers[teacher_number - 2].output.LayerNorm
+        copy(target.attention.LayerNorm, before)
+        copy(target.intermediate.LayerNorm, source.attention.output.LayerNorm)
+    copy(encoder.LayerNorm, teacher_layers[layer_map[-1] - 1].output.LayerNorm if layer_map[-1] else embeddings.LayerNorm)
+    if hasattr(teacher, "lm_head"):  # RoBERTa, XLM-R
+        head = teacher.lm_head
+        dense, norm, bias = head.dense, head.layer_norm, head.bias
+    else:  # BERT
+        head = teacher.cls.predictions
+        dense, norm, bias = head.transform.dense, head.transform.LayerNorm, head.bias
+    copy(student.lm_head.dense, dense)
+    copy(student.lm_head.layer_norm, norm)
+    student.lm_head.bias.copy_(bias)
 
 
 class DistillTrainer(MlmTrainer):
@@ -64,6 +126,7 @@ class DistillTrainer(MlmTrainer):
         vocab_size: int,
         mask_probability: float = 0.15,
         seed: int = 0,
+        special: SpecialTokens = SpecialTokens(),
     ):
         if not teachers:
             raise AtmRayError("a distillation stage needs at least one teacher")
@@ -90,7 +153,7 @@ class DistillTrainer(MlmTrainer):
             self.layer_map = settings.layer_map or uniform_layer_map(student_layers, teacher_layers)
             check_layer_map(self.layer_map, student_layers, teacher_layers)
         wrapper = StudentWithProjection(student, first_teacher.config.hidden_size if needs_hidden else None)
-        super().__init__(wrapper, settings.engine, settings.steps, vocab_size, mask_probability, seed)
+        super().__init__(wrapper, settings.engine, settings.steps, vocab_size, mask_probability, seed, special)
         self.teacher = self._place(first_teacher)
         self.term_sums: dict[str, torch.Tensor] = {}
         self.term_count = 0
@@ -100,7 +163,8 @@ class DistillTrainer(MlmTrainer):
         # an export may be stored in half precision: fp32 on the CPU, bf16 on the GPU (where it runs in bf16)
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         extra = {"attn_implementation": self.attention_implementation} if self.attention_implementation else {}
-        teacher = AutoModelForMaskedLM.from_pretrained(path, dtype=dtype, **extra)
+        # a teacher may be a folder the user brought: disk only, safetensors only, no remote code
+        teacher = AutoModelForMaskedLM.from_pretrained(path, dtype=dtype, **extra, **SAFE_LOADING)
         if teacher.config.vocab_size != vocab_size:
             raise AtmRayError(
                 f"teacher {path} has a vocabulary of {teacher.config.vocab_size}, the student {vocab_size}: "
@@ -133,7 +197,7 @@ class DistillTrainer(MlmTrainer):
             teacher_out = self.teacher(**inputs, output_hidden_states=needs_hidden, output_attentions=needs_attention)
         student_out = self.engine(**inputs, output_hidden_states=needs_hidden, output_attentions=needs_attention)
         masked = batch["labels"] != -100
-        positions = masked if self.settings.soft_targets == "masked" else batch["input_ids"] != PAD_ID
+        positions = masked if self.settings.soft_targets == "masked" else batch["attention_mask"].bool()
         terms = {
             "mlm_loss": mlm_loss(student_out.logits, batch["labels"]),
             "soft_ce_loss": soft_cross_entropy(student_out.logits, teacher_out.logits, positions, self.settings.temperature),
@@ -172,7 +236,8 @@ class DistillTrainer(MlmTrainer):
         key = id(heldout)  # the same held-out rows each time: the teacher is scored once per domain
         if key not in self.teacher_metrics:
             self.teacher_metrics[key] = masked_lm_metrics(
-                self.teacher, heldout, batches, batch_size, self.vocab_size, self.mask_probability, self.seed, self.device
+                self.teacher, heldout, batches, batch_size, self.vocab_size, self.mask_probability, self.seed, self.device,
+                special=self.special,
             )
         teacher = self.teacher_metrics[key]
         metrics["teacher_perplexity"] = teacher["perplexity"]

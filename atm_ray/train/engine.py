@@ -26,6 +26,7 @@ import torch
 
 from atm_ray.config import AtmRayError, EngineConfig
 from atm_ray.data.masking import IGNORE_INDEX, MaskingCollator
+from atm_ray.data.tokenizer import SpecialTokens
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class MlmTrainer:
         vocab_size: int,
         mask_probability: float = 0.15,
         seed: int = 0,
+        special: SpecialTokens = SpecialTokens(),
     ):
         build_deepspeed_ops()
         import deepspeed
@@ -190,7 +192,8 @@ class MlmTrainer:
         self.device = self.engine.device
         self.step = 0
         self.history: list[dict] = []
-        self.collator = MaskingCollator(vocab_size, mask_probability, "random", seed=seed * 1000 + self.rank)
+        self.special = special  # the tokenizer's ids: a teacher's tokenizer has its own
+        self.collator = MaskingCollator(vocab_size, mask_probability, "random", seed=seed * 1000 + self.rank, special=special)
         self.mask_probability = mask_probability
         self.seed = seed
 
@@ -246,7 +249,7 @@ class MlmTrainer:
         every rank in each forward)."""
         self.engine.eval()
         return masked_lm_metrics(self.engine, heldout, batches, batch_size, self.vocab_size, self.mask_probability, self.seed,
-                                 self.device, unigram_token)
+                                 self.device, unigram_token, self.special)
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -333,6 +336,7 @@ def masked_lm_metrics(
     seed: int,
     device: torch.device,
     unigram_token: int | None = None,
+    special: SpecialTokens = SpecialTokens(),
 ) -> dict[str, float]:
     """Masked-token loss, perplexity and top-1 mask filling on fixed masks, plus noun mask filling.
 
@@ -342,7 +346,7 @@ def masked_lm_metrics(
     """
     metrics: dict[str, float] = {}
     for mode in ("eval", "noun"):
-        collator = MaskingCollator(vocab_size, mask_probability, mode, seed=seed + 12345)
+        collator = MaskingCollator(vocab_size, mask_probability, mode, seed=seed + 12345, special=special)
         loss_sum, correct, unigram_correct, count = 0.0, 0, 0, 0
         rows = heldout["input_ids"]
         for start in range(0, min(len(rows), batches * batch_size), batch_size):

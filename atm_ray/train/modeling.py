@@ -8,11 +8,10 @@ import torch
 from transformers import RobertaPreLayerNormConfig, RobertaPreLayerNormForMaskedLM
 
 from atm_ray.config import ModelShape
-from atm_ray.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from atm_ray.data.tokenizer import SpecialTokens
 
 
-
-def roberta_config(shape: ModelShape, vocab_size: int) -> RobertaPreLayerNormConfig:
+def roberta_config(shape: ModelShape, vocab_size: int, special: SpecialTokens = SpecialTokens()) -> RobertaPreLayerNormConfig:
     return RobertaPreLayerNormConfig(
         vocab_size=vocab_size,
         hidden_size=shape.hidden_size,
@@ -20,21 +19,22 @@ def roberta_config(shape: ModelShape, vocab_size: int) -> RobertaPreLayerNormCon
         num_attention_heads=shape.num_heads,
         intermediate_size=shape.intermediate_size,
         # RoBERTa offsets positions by padding_idx + 1.
-        max_position_embeddings=shape.max_positions + PAD_ID + 1,
+        max_position_embeddings=shape.max_positions + special.pad + 1,
         hidden_dropout_prob=shape.dropout,
         attention_probs_dropout_prob=shape.dropout,
         type_vocab_size=1,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
+        pad_token_id=special.pad,
+        bos_token_id=special.bos,
+        eos_token_id=special.eos,
         tie_word_embeddings=True,
     )
 
 
-def build_masked_lm(shape: ModelShape, vocab_size: int, seed: int | None = None) -> RobertaPreLayerNormForMaskedLM:
+def build_masked_lm(shape: ModelShape, vocab_size: int, seed: int | None = None,
+                    special: SpecialTokens = SpecialTokens()) -> RobertaPreLayerNormForMaskedLM:
     if seed is not None:
         torch.manual_seed(seed)
-    return RobertaPreLayerNormForMaskedLM(roberta_config(shape, vocab_size))
+    return RobertaPreLayerNormForMaskedLM(roberta_config(shape, vocab_size, special))
 
 
 @dataclass(frozen=True)

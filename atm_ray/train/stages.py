@@ -43,10 +43,12 @@ from atm_ray.train.engine import (
 )
 from atm_ray.train.faults import ExitAtStep, fault_from_environment
 from atm_ray.train.modeling import build_masked_lm
-from atm_ray.train.runner import StageProgress, fit_with_ray, publish_stage, stage_hash, up_to_date, worker_output_to_log
+from atm_ray.train.runner import MANIFEST_FILE, StageProgress, fit_with_ray, publish_stage, stage_hash, up_to_date, worker_output_to_log
+from atm_ray.train.teachers import SAFE_LOADING, provided_teacher, weights_hash
+from atm_ray.data.tokenizer import SpecialTokens
 from atm_ray.train.stage_table import DISTILL_STAGES, DOMAINS, PRETRAIN_STAGES, STAGES, Stage, settings_at
 from atm_ray.tracking import check_tracking
-from atm_ray.utils import console_logging, settings_hash
+from atm_ray.utils import atomic_write_json, console_logging, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class StagePlan:
     init_from: str | None = None
     teachers: list[str] = field(default_factory=list)
     unigram_tokens: dict[str, int] = field(default_factory=dict)  # per domain: the plateau's guess
+    special_tokens: dict = field(default_factory=dict)  # the tokenizer's ids (SpecialTokens.to_dict())
+    provided: str | None = None  # a teacher the user brought (teachers.*): the stage uses it instead of training
 
 
 @dataclass
@@ -83,6 +87,8 @@ class StageResult:
 
     def summary(self) -> str:
         """Two lines for the console (every metric is in the stage's ``metrics.json``)."""
+        if self.export_dir.parent != self.stage_dir:
+            return f"{self.stage_dir.name}: the teacher you gave, {self.export_dir} (not trained here)"
         state = "up to date" if self.skipped else "finished"
         metrics = self.metrics
         parts = [
@@ -107,6 +113,9 @@ def make_plan(config: Config, prepared: PreparedData, run_dir: Path, stage: Stag
     stage = STAGES[stage] if isinstance(stage, str) else stage
     if stage.objective not in TRAINERS:
         raise AtmRayError(f"stage {stage.name}: objective {stage.objective!r} is not a masked-LM stage")
+    provided = provided_teacher(config, stage.name)
+    if provided:
+        return _provided_plan(config, prepared, run_dir, stage, provided)
     settings = settings_at(config, stage.settings_key)
     replay_fraction = settings_at(config, stage.replay_fraction_key) if stage.replay and stage.replay_fraction_key else 0.0
     # several teachers are taken in turn only when the stage switches between them
@@ -126,12 +135,17 @@ def make_plan(config: Config, prepared: PreparedData, run_dir: Path, stage: Stag
     roles = {"init_from": stage.init_from} if stage.init_from else {}
     roles.update({("teacher" if index == 0 else f"teacher{index + 1}"): name for index, name in enumerate(teachers)})
     for role, upstream_name in roles.items():
-        sections[f"upstream:{role}"] = stage_hash(run_dir / upstream_name)
+        if provided_teacher(config, upstream_name):  # a brought teacher: nothing to run first
+            upstream_plan = make_plan(config, prepared, run_dir, upstream_name)
+            use_provided(upstream_plan)  # recorded (path, weights hash) in its stage folder
+            sections[f"upstream:{role}"] = upstream_plan.config_hash
+        else:
+            sections[f"upstream:{role}"] = stage_hash(run_dir / upstream_name)
 
     def export_of(name: str) -> str:
-        return str((run_dir / name / EXPORT_DIR).resolve())
+        return export_dir_of(config, run_dir, name)
 
-    return StagePlan(
+    plan = StagePlan(
         name=stage.name,
         objective=stage.objective,
         settings_key=stage.settings_key,
@@ -146,10 +160,65 @@ def make_plan(config: Config, prepared: PreparedData, run_dir: Path, stage: Stag
         init_from=export_of(stage.init_from) if stage.init_from else None,
         teachers=[export_of(name) for name in teachers],
         unigram_tokens=prepared.unigram_tokens(),
+        special_tokens=prepared.special_tokens.to_dict(),
+    )
+    check_teacher_vocabularies(plan)
+    return plan
+
+
+def export_dir_of(config: Config, run_dir: Path, name: str) -> str:
+    """Where stage ``name``'s model is: its export, or the folder of the teacher the user brought for it."""
+    provided = provided_teacher(config, name)
+    return str(Path(provided).expanduser().resolve()) if provided else str((run_dir / name / EXPORT_DIR).resolve())
+
+
+def check_teacher_vocabularies(plan: StagePlan) -> None:
+    """A student learns the teacher's distribution token by token: refuse one whose vocabulary differs from
+    its teacher's before any work starts (each teacher's config.json is read, no weights)."""
+    for teacher in plan.teachers:
+        config_file = Path(teacher) / "config.json"
+        if config_file.is_file():
+            vocab_size = json.loads(config_file.read_text()).get("vocab_size")
+            if vocab_size != plan.vocab_size:
+                raise AtmRayError(
+                    f"stage {plan.name}: the student's vocabulary ({plan.vocab_size}, from {Path(plan.train_dir).parents[2]}"
+                    f"/tokenizer) differs from teacher {teacher}'s ({vocab_size}): teacher and student must share one "
+                    "tokenizer (prepare the data with the teacher's: teachers.stage1)"
+                )
+
+
+def _provided_plan(config: Config, prepared: PreparedData, run_dir: Path, stage: Stage, provided: str) -> StagePlan:
+    """The plan of a teacher stage replaced by a folder: nothing to train; its hash is the folder's weights'."""
+    path = str(Path(provided).expanduser().resolve())
+    digest = weights_hash(path)
+    return StagePlan(
+        name=stage.name, objective=stage.objective, settings_key=stage.settings_key, model=settings_at(config, stage.model_key),
+        stage_dir=str((run_dir / stage.name).resolve()),
+        config_hash=settings_hash({"provided": path, "weights_sha256": digest, "prepare": prepared.manifest["config_hash"]}),
+        train_dir="", replay_dir=None, replay_fraction=0.0, heldout_dirs={}, vocab_size=prepared.vocab_size,
+        special_tokens=prepared.special_tokens.to_dict(), provided=path,
     )
 
 
+def use_provided(plan: StagePlan) -> StageResult:
+    """Record the brought teacher in the stage's manifest (path and weights hash), which later stages' hashes
+    cover, so that another folder or changed weights rerun what learnt from it."""
+    stage_dir = Path(plan.stage_dir)
+    manifest = up_to_date(plan.stage_dir, plan.config_hash)
+    if manifest is None:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        digest = weights_hash(plan.provided)
+        manifest = {"stage": plan.name, "config_hash": plan.config_hash, "provided": True,
+                    "inputs": {"teacher": plan.provided}, "outputs": {"export": plan.provided},
+                    "weights_sha256": digest, "metrics": {}}
+        atomic_write_json(stage_dir / MANIFEST_FILE, manifest)
+        logger.info("%s: the teacher in %s (weights sha256 %s…), not trained here", plan.name, plan.provided, digest[:12])
+    return StageResult(stage_dir, Path(plan.provided), {}, skipped=True)
+
+
 def finished(plan: StagePlan) -> StageResult | None:
+    if plan.provided:
+        return use_provided(plan)
     manifest = up_to_date(plan.stage_dir, plan.config_hash)
     if manifest is None:
         return None
@@ -161,22 +230,24 @@ def build_trainer(config: Config, plan: StagePlan) -> tuple[MlmTrainer, float]:
     """The stage's model inside the trainer of its objective, and the fingerprint of the weights it
     starts from."""
     settings = stage_settings(config, plan)
+    special = SpecialTokens.from_dict(plan.special_tokens)
     torch.manual_seed(config.seed)
     if plan.init_from:
         from transformers import AutoModelForMaskedLM
 
-        model = AutoModelForMaskedLM.from_pretrained(plan.init_from, dtype=torch.float32)  # trained in fp32 (or autocast)
+        # trained in fp32 (or autocast); init_from may be a teacher the user brought: safe loading only
+        model = AutoModelForMaskedLM.from_pretrained(plan.init_from, dtype=torch.float32, **SAFE_LOADING)
         if model.config.vocab_size != plan.vocab_size:
             raise AtmRayError(
                 f"{plan.init_from} has a vocabulary of {model.config.vocab_size}, the prepared data {plan.vocab_size}"
             )
     else:
-        model = build_masked_lm(config.models[plan.model], plan.vocab_size, seed=config.seed)
+        model = build_masked_lm(config.models[plan.model], plan.vocab_size, seed=config.seed, special=special)
     mask_probability = config.pretrain.mask_probability
     if plan.objective == "distill":
-        trainer = DistillTrainer(model, settings, plan.teachers, plan.vocab_size, mask_probability, config.seed)
+        trainer = DistillTrainer(model, settings, plan.teachers, plan.vocab_size, mask_probability, config.seed, special)
     else:
-        trainer = MlmTrainer(model, settings.engine, settings.steps, plan.vocab_size, mask_probability, config.seed)
+        trainer = MlmTrainer(model, settings.engine, settings.steps, plan.vocab_size, mask_probability, config.seed, special)
     return trainer, parameter_checksum(trainer.export_module())
 
 

@@ -1,0 +1,173 @@
+"""Teachers a user already has (``teachers.stage1`` / ``teachers.stage2``): which stage each replaces, the
+checks a folder must pass before any work starts, and the hash of its weights the manifests record.
+
+A teacher folder is what ``save_pretrained`` writes for an ``AutoModelForMaskedLM`` and its tokenizer. It is
+read from disk only, with safetensors weights only (a pickle can run code when loaded) and never with
+``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+from atm_ray.config import Config, ConfigError
+from atm_ray.train.stage_table import TEACHER_STAGE1, TEACHER_STAGE2
+
+SKIP = "skip"  # teachers.stage2: no Stage 2, the Stage-1 teacher teaches throughout
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# from_pretrained's arguments for a folder we did not write: disk only, no pickles, no remote code
+SAFE_LOADING = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
+
+
+def provided_teacher(config: Config, stage: str) -> str | None:
+    """The folder that replaces ``stage`` (a teacher stage), or None when the stage trains its teacher."""
+    teachers = config.teachers
+    if stage == TEACHER_STAGE1:
+        return teachers.stage1
+    if stage == TEACHER_STAGE2 and teachers.stage2 is not None:
+        return teachers.stage1 if teachers.stage2 == SKIP else teachers.stage2
+    return None
+
+
+def tokenizer_folder(config: Config) -> str | None:
+    """Where ``prepare`` takes its tokenizer from instead of training one (the Stage-1 teacher's)."""
+    return config.teachers.stage1
+
+
+def check_teacher_folder(path: str, field: str) -> dict:
+    """The folder's ``config.json`` after the checks; a ``ConfigError`` naming ``field`` otherwise."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{field}: {folder} is not a folder (a save_pretrained folder of a masked LM and its tokenizer)")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{field}: {folder} has no config.json (a save_pretrained folder of a masked LM)")
+    pickles = sorted(item.name for item in folder.iterdir() if item.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ConfigError(
+            f"{field}: {folder} holds pickled weights ({', '.join(pickles)}): atm-ray loads safetensors only, as "
+            "loading a pickle can run code. Save the model again with save_pretrained() (safetensors is its "
+            "default) into a folder without them"
+        )
+    try:
+        model_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{field}: {config_file}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    code = sorted(item.name for item in folder.glob("*.py"))
+    if code or "auto_map" in model_config:
+        raise ConfigError(
+            f"{field}: {folder} needs remote code ({', '.join(code) or 'auto_map in config.json'}): atm-ray never "
+            "sets trust_remote_code; use a model whose architecture transformers ships"
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{field}: {folder} has no *.safetensors weights")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = model_config.get("model_type")
+    if model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ConfigError(
+            f"{field}: {config_file}: model_type {model_type!r} is not a masked-LM architecture transformers "
+            "ships (AutoModelForMaskedLM)"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{field}: {folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the teacher's tokenizer "
+            "with save_pretrained into the same folder"
+        )
+    return model_config
+
+
+def load_teacher_tokenizer(path: str, field: str = "teachers.stage1"):
+    from transformers import AutoTokenizer
+
+    from atm_ray.data.tokenizer import SpecialTokens
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True, trust_remote_code=False)
+    except Exception as error:  # transformers raises many kinds; the user needs the folder and the cause
+        raise ConfigError(f"{field}: the tokenizer in {path} does not load: {error}") from None
+    if not tokenizer.is_fast:
+        raise ConfigError(f"{field}: the tokenizer in {path} is a slow (Python) tokenizer; atm-ray needs a fast one (tokenizer.json)")
+    try:
+        SpecialTokens.from_tokenizer(tokenizer)
+    except ValueError as error:
+        raise ConfigError(f"{field}: {path}: {error}") from None
+    return tokenizer
+
+
+def check_teachers(config: Config) -> None:
+    """Everything about the given teachers that can be wrong, checked before any work starts: the folders,
+    their tokenizers (one vocabulary for both stages), and each student's vocabulary and layer copy."""
+    teachers = config.teachers
+    if teachers.stage1 is None:
+        return
+    folders = {"teachers.stage1": teachers.stage1}
+    if teachers.stage2 not in (None, SKIP):
+        folders["teachers.stage2"] = teachers.stage2
+    model_configs = {field: check_teacher_folder(path, field) for field, path in folders.items()}
+    tokenizers = {field: load_teacher_tokenizer(path, field) for field, path in folders.items()}
+    for field, model_config in model_configs.items():
+        vocab_size, pieces = model_config.get("vocab_size"), len(tokenizers[field])
+        if not isinstance(vocab_size, int) or vocab_size < pieces:
+            raise ConfigError(
+                f"{field}: config.json's vocab_size {vocab_size} does not cover its tokenizer's {pieces} pieces: "
+                "the model and the tokenizer in that folder do not belong together"
+            )
+    if "teachers.stage2" in folders and (
+        tokenizers["teachers.stage2"].get_vocab() != tokenizers["teachers.stage1"].get_vocab()
+        or model_configs["teachers.stage2"]["vocab_size"] != model_configs["teachers.stage1"]["vocab_size"]
+    ):
+        raise ConfigError(
+            "teachers.stage2: its vocabulary differs from teachers.stage1's: a student learns from both, so they "
+            "must share one tokenizer"
+        )
+    # the intermediate student copies the Stage-2 teacher's layers (the Stage-1 teacher's shape when Stage 2
+    # continues it)
+    settings = config.distill.intermediate
+    if settings.init == "teacher_layers":
+        teacher_config = model_configs.get("teachers.stage2", model_configs["teachers.stage1"])
+        check_layer_copy(teacher_config, config.models[settings.student], "distill.intermediate")
+
+
+def check_layer_copy(teacher_config: dict, student, key: str) -> None:
+    """``init: teacher_layers`` copies weights: the student's width, heads and feed-forward size must be the
+    teacher's, and the teacher an architecture whose layers map onto the student's."""
+    pairs = {"hidden_size": student.hidden_size, "num_attention_heads": student.num_heads,
+             "intermediate_size": student.intermediate_size}
+    differing = [f"{name} {teacher_config.get(name)} (student {value})" for name, value in pairs.items()
+                 if teacher_config.get(name) != value]
+    if differing:
+        raise ConfigError(
+            f"{key}.init: teacher_layers copies the teacher's layers, but the teacher's {', '.join(differing)} "
+            f"differ: give the student ({key}.student) the teacher's shape, or set {key}.init: random"
+        )
+    from atm_ray.train.distill import LAYER_COPY_TYPES
+
+    if teacher_config.get("model_type") not in LAYER_COPY_TYPES:
+        raise ConfigError(
+            f"{key}.init: teacher_layers copies layers from {', '.join(sorted(LAYER_COPY_TYPES))} teachers, not "
+            f"{teacher_config.get('model_type')!r}: set {key}.init: random (the student still learns from it)"
+        )
+
+
+def weights_hash(path: str) -> str:
+    """SHA-256 over the folder's safetensors files (name and bytes, in name order); read once per process
+    while the files' sizes and times stay the same."""
+    files = sorted(Path(path).expanduser().glob("*.safetensors"))
+    return _weights_hash(tuple((str(file), file.stat().st_size, file.stat().st_mtime_ns) for file in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_hash(files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        file = Path(name)
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
