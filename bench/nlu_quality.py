@@ -5,14 +5,17 @@ the scratch baseline, beside the JointBERT anchors.
 
     atm-ray pipeline --preset tiny && python bench/nlu_quality.py --preset tiny --no-ray
     python bench/nlu_quality.py --preset cpu --seeds 0 1 2          # after `atm-ray pipeline --preset cpu`
-    python bench/nlu_quality.py --preset cpu --teacher mine=/path/to/bert   # one more row: a teacher you have
+    python bench/nlu_quality.py --preset cpu --teacher mine=/path/to/bert   # one more row: a student of your teacher
 
 Rows (same fine-tuning for every row):
 - scratch: the final student's architecture from random weights;
 - mlm_only: the final student's architecture pretrained with MLM alone on the final distillation's text for
   the same steps (no teacher; trained here as the stage ``final_mlm_only`` if the run lacks it);
 - final: the distilled final student; intermediate: the intermediate student after its continuation;
-- teacher_stage1 / teacher_stage2: the teachers themselves.
+- teacher_stage1 / teacher_stage2: the teachers themselves;
+- final_from_NAME (``--teacher NAME=DIR``): the final student distilled from a teacher you have (the README's
+  "Bringing your own teacher": ``teachers.stage1=DIR``, same preset and steps, in the run folder
+  ``<run>/from_NAME``). It has the teacher's vocabulary, so its embedding tables differ from the other rows'.
 
 A difference counts as a gain only when it exceeds twice the larger of the two rows' standard deviations
 over seeds; the table says which do. Data come from the preset's data.root (../shared/data); where a
@@ -39,8 +42,9 @@ from atm_ray.nlu.evaluate import score_model  # noqa: E402
 from atm_ray.nlu.finetune import load_nlu_data, plan_finetune, run_finetune_stage, split_sources  # noqa: E402
 from atm_ray.train.modeling import count_parameters  # noqa: E402
 from atm_ray.train.stage_table import (  # noqa: E402
-    FINAL_DISTILL, INTERMEDIATE_CONTINUE, STAGES, TEACHER_STAGE1, TEACHER_STAGE2,
+    FINAL_DISTILL, INTERMEDIATE_CONTINUE, MASKED_LM_STAGES, STAGES, TEACHER_STAGE1, TEACHER_STAGE2,
 )
+from atm_ray.train.stages import run_stages  # noqa: E402
 
 DATASETS = {
     "snips": ("jointbert", "nlu/snips", "bundled:nlu/snips"),
@@ -101,6 +105,13 @@ def table(name: str, title: str, rows: dict[str, dict], parameters: dict[str, in
     return "\n".join(lines) + "\n"
 
 
+def distil_from(preset: str, overrides: list[str], teacher: str, run_dir: Path, use_ray: bool) -> Path:
+    """The pipeline's masked-LM stages with ``teachers.stage1=teacher`` (skipped when up to date): its final student."""
+    config = load_config(preset, [*overrides, f"teachers.stage1={teacher}", f"run_dir={run_dir}"])
+    run_stages(config, MASKED_LM_STAGES, run_dir, use_ray=use_ray)
+    return run_dir / FINAL_DISTILL / EXPORT_DIR
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu")
@@ -109,7 +120,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--teacher", action="append", default=[], metavar="NAME=DIR",
-                        help="one more row: an existing masked-LM folder with its tokenizer, fine-tuned the same way")
+                        help="one more row: the final student distilled from this masked-LM folder (teachers.stage1=DIR)")
     parser.add_argument("--max-train-records", type=int, default=None,
                         help="fine-tune on the first N training utterances (a low-resource setting; the tiny preset's 2,000)")
     parser.add_argument("--no-ray", action="store_true", help="train and fine-tune in this process")
@@ -122,9 +133,18 @@ def main() -> None:
     if "mlm_only" in args.models:
         train_mlm_only(config, run_dir, use_ray=not args.no_ray)
     exports = {model: run_dir / MODELS[model] / EXPORT_DIR for model in args.models}
+    for model, directory in list(exports.items()):
+        # a teacher the run was given (teachers.*) is not trained there, and the joint model takes only
+        # atm-ray's pre-LN encoders: its students are the rows that measure it
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type") if (directory / "config.json").is_file() else None
+        if model_type != "roberta-prelayernorm":
+            print(f"row {model}: left out ({directory} is {'missing' if model_type is None else 'a ' + model_type + ' model'})")
+            del exports[model]
     for text in args.teacher:
         name, _, directory = text.partition("=")
-        exports[name] = Path(directory)
+        if not name or not directory:
+            sys.exit(f"--teacher {text!r}: expected NAME=DIR")
+        exports[f"final_from_{name}"] = distil_from(args.preset, args.overrides, directory, run_dir / f"from_{name}", not args.no_ray)
     parameters = {model: non_embedding_parameters(directory) for model, directory in exports.items()}
 
     sections, results = [], {}

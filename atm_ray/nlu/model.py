@@ -7,6 +7,7 @@ text handling live in the model's config, so ``save_pretrained`` folders are sel
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,15 @@ def build_joint_model(
 ) -> RobertaPreLayerNormForIntentAndSlots:
     """The joint model on the encoder saved in ``encoder_dir`` (a masked-LM export), or on the same
     architecture with random weights when ``scratch`` (the baseline)."""
+    config_file = Path(encoder_dir) / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if config_file.is_file() and model_type not in (RobertaPreLayerNormConfig.model_type, IntentSlotsConfig.model_type):
+        # loading another architecture's weights into this one would only warn, and train from noise
+        raise AtmRayError(
+            f"{encoder_dir}: a {model_type} model; the joint model takes atm-ray's pre-LN RoBERTa encoders (its "
+            "students and teachers). To use this model, distil a student from it: teachers.stage1="
+            f"{encoder_dir} (README: Bringing your own teacher)"
+        )
     encoder_config = RobertaPreLayerNormConfig.from_pretrained(str(encoder_dir))
     config = IntentSlotsConfig(**{key: value for key, value in encoder_config.to_dict().items() if key != "model_type"})
     config.architectures = [RobertaPreLayerNormForIntentAndSlots.__name__]

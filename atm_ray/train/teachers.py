@@ -125,6 +125,13 @@ def check_teachers(config: Config) -> None:
             "teachers.stage2: its vocabulary differs from teachers.stage1's: a student learns from both, so they "
             "must share one tokenizer"
         )
+    for field, model_config in model_configs.items():
+        usable = usable_positions(model_config)
+        if usable is not None and usable < config.data.max_seq_len:
+            raise ConfigError(
+                f"{field}: the teacher reads at most {usable} positions (max_position_embeddings in its config.json), "
+                f"fewer than data.max_seq_len {config.data.max_seq_len}: lower data.max_seq_len"
+            )
     # the intermediate student copies the Stage-2 teacher's layers (the Stage-1 teacher's shape when Stage 2
     # continues it)
     settings = config.distill.intermediate
@@ -152,6 +159,16 @@ def check_layer_copy(teacher_config: dict, student, key: str) -> None:
             f"{key}.init: teacher_layers copies layers from {', '.join(sorted(LAYER_COPY_TYPES))} teachers, not "
             f"{teacher_config.get('model_type')!r}: set {key}.init: random (the student still learns from it)"
         )
+
+
+def usable_positions(model_config: dict) -> int | None:
+    """How long a row the model reads: RoBERTa-style position tables start after the padding id."""
+    positions = model_config.get("max_position_embeddings")
+    if not isinstance(positions, int):
+        return None
+    if model_config.get("model_type") in ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm"):
+        return positions - int(model_config.get("pad_token_id") or 0) - 1
+    return positions
 
 
 def weights_hash(path: str) -> str:

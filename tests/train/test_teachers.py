@@ -120,6 +120,8 @@ def test_unsafe_or_unusable_teacher_folders_are_refused_naming_the_setting(bert_
     _refused(broken, match=r"config.json, line 3: not valid JSON")
 
     _refused(tmp_path / "missing", match="is not a folder")
+    _refused(bert_teacher, "data.max_seq_len=100", "models.teacher.max_positions=128", "models.intermediate.max_positions=128",
+             "models.final.max_positions=128", match="reads at most 80 positions .* data.max_seq_len 100")
     # a student that cannot take the teacher's layers: named, with the two ways out
     _refused(bert_teacher, "models.intermediate.hidden_size=64", "models.intermediate.num_heads=4",
              match=r"distill.intermediate.init: teacher_layers .* hidden_size 128 \(student 64\)")
@@ -203,6 +205,30 @@ def test_pre_ln_student_takes_a_post_ln_teachers_layers(kind, tmp_path, texts):
     assert logits.shape == (1, 5, teacher.config.vocab_size) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
+def test_a_deberta_v2_teacher_teaches_a_student_from_random_weights(tmp_path, texts):
+    """DeBERTa-v2's layers do not map onto the student's: init: teacher_layers is refused before any work
+    (with the way out), and with init: random the student learns from it (soft targets and hidden states)."""
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+
+    from atm_ray.data.tokenizer import train_tokenizer
+    from atm_ray.train.stages import run_stages
+    from atm_ray.utils import read_json
+
+    folder = tmp_path / "deberta"
+    tokenizer = train_tokenizer(texts, vocab_size=500, lowercase=True)
+    DebertaV2ForMaskedLM(DebertaV2Config(vocab_size=len(tokenizer), num_hidden_layers=2, max_position_embeddings=80,
+                                         pad_token_id=tokenizer.pad_token_id, **WIDTH)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _refused(folder, match="init: teacher_layers copies layers from .* not 'deberta-v2': set distill.intermediate.init: random")
+    config = load_config("tiny", [f"run_dir={tmp_path / 'run'}", *SHORT_STAGES, f"teachers.stage1={folder}",
+                                  "teachers.stage2=skip", "distill.intermediate.init=random",
+                                  "distill.intermediate.weights.hidden=1.0"])
+    (distilled,) = run_stages(config, ("intermediate_distill",), use_ray=False)
+    last = read_json(distilled.stage_dir / "metrics.json")[-1]
+    assert last["soft_ce_loss"] > 0 and last["hidden_loss"] > 0
+
+
 # ---------------------------------------------------------------------- through the pipeline
 
 
@@ -234,6 +260,10 @@ def test_pipeline_in_process_from_a_bert_teacher_with_stage2_on_it(bert_teacher,
     assert final["pad_token_id"] == 0
     assert read_json(run_dir / "final_distill" / "metrics.json")[-1]["hidden_loss"] > 0
 
+    from atm_ray.config import AtmRayError
+
+    with pytest.raises(AtmRayError, match="a bert model; the joint model takes atm-ray's pre-LN RoBERTa encoders"):
+        run_finetune(config, results["teacher_stage2"].export_dir, name="finetune_teacher", use_ray=False)
     manifest = run_finetune(config, results["final_distill"].export_dir, name="finetune_student", use_ray=False)
     parser = Parser(manifest["outputs"]["export"])
     assert parser.tokenizer.get_vocab() == __import__("transformers").AutoTokenizer.from_pretrained(bert_teacher).get_vocab()
