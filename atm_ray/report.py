@@ -206,6 +206,10 @@ def _stage_table(run_dir: Path, histories: dict[str, list[dict]]) -> list[str]:
             continue
         manifest = read_json(stage_dir / "manifest.json") if (stage_dir / "manifest.json").is_file() else None
         state = "finished" if manifest else "in progress or interrupted"
+        if manifest and manifest.get("provided"):
+            lines.append(f"| {stage} | {description} | your teacher (teachers.*), not trained here | – | – | – | – | – | – | "
+                         f"{manifest['outputs']['export']} |")
+            continue
         if stage in FINETUNE_STAGES:
             metrics = manifest["metrics"] if manifest else {}
             lines.append(
@@ -229,7 +233,9 @@ def _stage_table(run_dir: Path, histories: dict[str, list[dict]]) -> list[str]:
 def _parameter_table(run_dir: Path) -> list[str]:
     rows = []
     for stage in MLM_STAGES:
-        counts = parameter_counts(run_dir / stage / EXPORT_DIR)
+        manifest = run_dir / stage / "manifest.json"
+        provided = manifest.is_file() and read_json(manifest).get("provided")
+        counts = parameter_counts(Path(read_json(manifest)["outputs"]["export"]) if provided else run_dir / stage / EXPORT_DIR)
         if counts:
             shape = counts["shape"]
             rows.append(f"| {stage} | {shape.num_layers} | {shape.hidden_size} | {shape.num_heads} | {shape.intermediate_size} | "

@@ -288,3 +288,4 @@ def test_pipeline_with_ray_from_an_xlmr_teacher_without_stage2(tmp_path, texts):
     distilled = json.loads((run_dir / "intermediate_distill" / "manifest.json").read_text())
     assert set(distilled["inputs"]["teachers"]) == {str(teacher.resolve())}
     assert (run_dir / "evaluation" / "comparison.md").is_file()
+    assert f"your teacher (teachers.*), not trained here | – | – | – | – | – | – | {teacher.resolve()} |" in (run_dir / "report.md").read_text()
