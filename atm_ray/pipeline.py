@@ -25,6 +25,7 @@ from atm_ray.report import write_report
 from atm_ray.train.engine import EXPORT_DIR
 from atm_ray.train.stage_table import FINAL_DISTILL, FINETUNE_SCRATCH, FINETUNE_STUDENT, MASKED_LM_STAGES, STAGES
 from atm_ray.train.stages import make_plan, run_stage
+from atm_ray.train.teachers import check_teachers
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def run_pipeline(config: Config, run_dir: Path | None = None) -> Path:
         logger.info("[pipeline] %d/%d %s", step, steps, what)
 
     logger.info("[pipeline] preset %s, run folder %s", config.name, run_dir.resolve())
+    check_teachers(config)  # teachers the user brought, refused before any work if they cannot be used
     announce("prepare: tokenizer and MLM shards")
     prepared = prepare(config, run_dir)
     logger.debug("%s", format_summary(prepared))  # `atm-ray prepare` prints it whole

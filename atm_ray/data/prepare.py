@@ -29,7 +29,7 @@ from atm_ray.data import files
 from atm_ray.data.readers import read_text_source, to_spoken_form
 from atm_ray.data.masking import most_frequent_token, pack_batch, tokenize_batch
 from atm_ray.data.tokenizer import SpecialTokens, load_tokenizer, tokenizer_statistics, train_tokenizer
-from atm_ray.train.teachers import TOKENIZER_FILES, check_teacher_folder, check_teachers, load_teacher_tokenizer, tokenizer_folder
+from atm_ray.data.teacher_folder import TOKENIZER_FILES, check_teacher_folder, load_teacher_tokenizer
 from atm_ray.utils import atomic_write_json, read_json, settings_hash
 
 # besides TOKENIZER_FILES, what save_pretrained may write for a tokenizer (hashed when present)
@@ -143,9 +143,11 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
     """Run the prepare stage, or return its outputs when a finished run with the same config exists."""
     run_dir = Path(run_dir or config.resolved_run_dir())
     output = PreparedData(run_dir / "prepare")
-    check_teachers(config)  # a teacher folder that cannot be used is refused before any work
+    teacher = config.teachers.stage1  # its tokenizer replaces the one we would train
+    if teacher:  # a folder that cannot be used is refused before any work
+        check_teacher_folder(teacher, "teachers.stage1")
+        load_teacher_tokenizer(teacher)
     config_hash = config.section_hash(*PREPARE_SECTIONS)
-    teacher = tokenizer_folder(config)
     if teacher:  # the teacher's tokenizer replaces ours: its files are part of what the shards depend on
         config_hash = settings_hash({"sections": config_hash, "tokenizer": str(Path(teacher).expanduser().resolve()),
                                      "files": files_hash(Path(teacher).expanduser(), TOKENIZER_FILES + EXTRA_TOKENIZER_FILES)})
@@ -181,7 +183,7 @@ def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_pa
     logger.info("prepare: read %d files, %s", len(reports),
                 ", ".join(f"{len(corpora[domain]['train'])} {domain} training texts" for domain in DOMAINS))
 
-    teacher = tokenizer_folder(config)
+    teacher = config.teachers.stage1
     if teacher:
         logger.info("prepare: the tokenizer of teacher %s (tokenizer.vocab_size of the preset is not used)", teacher)
         tokenizer = load_teacher_tokenizer(teacher)

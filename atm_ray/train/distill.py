@@ -18,7 +18,7 @@ from transformers import AutoModelForMaskedLM
 
 from atm_ray.config import AtmRayError, DistillStageConfig
 from atm_ray.train.engine import MlmTrainer, masked_lm_metrics
-from atm_ray.train.teachers import SAFE_LOADING
+from atm_ray.data.teacher_folder import SAFE_LOADING
 from atm_ray.train.losses import attention_mse, check_layer_map, hidden_state_mse, mlm_loss, soft_cross_entropy, uniform_layer_map
 from atm_ray.data.tokenizer import SpecialTokens
 

@@ -44,7 +44,8 @@ from atm_ray.train.engine import (
 from atm_ray.train.faults import ExitAtStep, fault_from_environment
 from atm_ray.train.modeling import build_masked_lm
 from atm_ray.train.runner import MANIFEST_FILE, StageProgress, fit_with_ray, publish_stage, stage_hash, up_to_date, worker_output_to_log
-from atm_ray.train.teachers import SAFE_LOADING, provided_teacher, weights_hash
+from atm_ray.data.teacher_folder import SAFE_LOADING
+from atm_ray.train.teachers import check_teachers, provided_teacher, weights_hash
 from atm_ray.data.tokenizer import SpecialTokens
 from atm_ray.train.stage_table import DISTILL_STAGES, DOMAINS, PRETRAIN_STAGES, STAGES, Stage, settings_at
 from atm_ray.tracking import check_tracking
@@ -507,6 +508,7 @@ def run_stages(config: Config, names: tuple[str, ...], run_dir: Path | None = No
     """Prepare (or reuse) the data, then run the named stages of the table in order, each planned once
     the one before it has finished."""
     run_dir = Path(run_dir or config.resolved_run_dir())
+    check_teachers(config)  # teachers the user brought, refused before any work if they cannot be used
     prepared = prepare(config, run_dir)
     runner = run_stage if use_ray else run_stage_local
     return [runner(config, make_plan(config, prepared, run_dir, name), prepared) for name in names]

@@ -1,26 +1,19 @@
 """Teachers a user already has (``teachers.stage1`` / ``teachers.stage2``): which stage each replaces, the
-checks a folder must pass before any work starts, and the hash of its weights the manifests record.
-
-A teacher folder is what ``save_pretrained`` writes for an ``AutoModelForMaskedLM`` and its tokenizer. It is
-read from disk only, with safetensors weights only (a pickle can run code when loaded) and never with
-``trust_remote_code``.
+checks run before any work starts (the folders, as ``atm_ray.data.teacher_folder`` checks them; their
+vocabularies; the students' layer copies), and the hash of its weights the manifests record.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 
 from atm_ray.config import Config, ConfigError
+from atm_ray.data.teacher_folder import check_teacher_folder, load_teacher_tokenizer, usable_positions
 from atm_ray.train.stage_table import TEACHER_STAGE1, TEACHER_STAGE2
 
 SKIP = "skip"  # teachers.stage2: no Stage 2, the Stage-1 teacher teaches throughout
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# from_pretrained's arguments for a folder we did not write: disk only, no pickles, no remote code
-SAFE_LOADING = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
 
 
 def provided_teacher(config: Config, stage: str) -> str | None:
@@ -31,72 +24,6 @@ def provided_teacher(config: Config, stage: str) -> str | None:
     if stage == TEACHER_STAGE2 and teachers.stage2 is not None:
         return teachers.stage1 if teachers.stage2 == SKIP else teachers.stage2
     return None
-
-
-def tokenizer_folder(config: Config) -> str | None:
-    """Where ``prepare`` takes its tokenizer from instead of training one (the Stage-1 teacher's)."""
-    return config.teachers.stage1
-
-
-def check_teacher_folder(path: str, field: str) -> dict:
-    """The folder's ``config.json`` after the checks; a ``ConfigError`` naming ``field`` otherwise."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(f"{field}: {folder} is not a folder (a save_pretrained folder of a masked LM and its tokenizer)")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{field}: {folder} has no config.json (a save_pretrained folder of a masked LM)")
-    pickles = sorted(item.name for item in folder.iterdir() if item.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ConfigError(
-            f"{field}: {folder} holds pickled weights ({', '.join(pickles)}): atm-ray loads safetensors only, as "
-            "loading a pickle can run code. Save the model again with save_pretrained() (safetensors is its "
-            "default) into a folder without them"
-        )
-    try:
-        model_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{field}: {config_file}, line {error.lineno}: not valid JSON ({error.msg})") from None
-    code = sorted(item.name for item in folder.glob("*.py"))
-    if code or "auto_map" in model_config:
-        raise ConfigError(
-            f"{field}: {folder} needs remote code ({', '.join(code) or 'auto_map in config.json'}): atm-ray never "
-            "sets trust_remote_code; use a model whose architecture transformers ships"
-        )
-    if not any(folder.glob("*.safetensors")):
-        raise ConfigError(f"{field}: {folder} has no *.safetensors weights")
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    model_type = model_config.get("model_type")
-    if model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        raise ConfigError(
-            f"{field}: {config_file}: model_type {model_type!r} is not a masked-LM architecture transformers "
-            "ships (AutoModelForMaskedLM)"
-        )
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(
-            f"{field}: {folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the teacher's tokenizer "
-            "with save_pretrained into the same folder"
-        )
-    return model_config
-
-
-def load_teacher_tokenizer(path: str, field: str = "teachers.stage1"):
-    from transformers import AutoTokenizer
-
-    from atm_ray.data.tokenizer import SpecialTokens
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()), local_files_only=True, trust_remote_code=False)
-    except Exception as error:  # transformers raises many kinds; the user needs the folder and the cause
-        raise ConfigError(f"{field}: the tokenizer in {path} does not load: {error}") from None
-    if not tokenizer.is_fast:
-        raise ConfigError(f"{field}: the tokenizer in {path} is a slow (Python) tokenizer; atm-ray needs a fast one (tokenizer.json)")
-    try:
-        SpecialTokens.from_tokenizer(tokenizer)
-    except ValueError as error:
-        raise ConfigError(f"{field}: {path}: {error}") from None
-    return tokenizer
 
 
 def check_teachers(config: Config) -> None:
@@ -159,16 +86,6 @@ def check_layer_copy(teacher_config: dict, student, key: str) -> None:
             f"{key}.init: teacher_layers copies layers from {', '.join(sorted(LAYER_COPY_TYPES))} teachers, not "
             f"{teacher_config.get('model_type')!r}: set {key}.init: random (the student still learns from it)"
         )
-
-
-def usable_positions(model_config: dict) -> int | None:
-    """How long a row the model reads: RoBERTa-style position tables start after the padding id."""
-    positions = model_config.get("max_position_embeddings")
-    if not isinstance(positions, int):
-        return None
-    if model_config.get("model_type") in ("roberta", "xlm-roberta", "camembert", "roberta-prelayernorm"):
-        return positions - int(model_config.get("pad_token_id") or 0) - 1
-    return positions
 
 
 def weights_hash(path: str) -> str:

@@ -79,11 +79,11 @@ def bert_teacher(tmp_path_factory, texts):
 
 
 def _refused(folder, *overrides, match):
-    from atm_ray.data.prepare import prepare
+    from atm_ray.train.stages import run_stages
 
     config = load_config("tiny", [f"run_dir={folder.parent / 'run'}", f"teachers.stage1={folder}", *overrides])
     with pytest.raises(ConfigError, match=match):
-        prepare(config)
+        run_stages(config, ("teacher_stage1",), use_ray=False)
     assert not (folder.parent / "run" / "prepare" / "manifest.json").exists()
 
 
@@ -140,7 +140,7 @@ def test_a_stage2_teacher_with_another_vocabulary_is_refused(bert_teacher, tmp_p
 def test_special_tokens_come_from_the_teachers_tokenizer(bert_teacher):
     from atm_ray.data.masking import mask_tokens, pack_batch, tokenize_batch
     from atm_ray.data.tokenizer import SpecialTokens
-    from atm_ray.train.teachers import load_teacher_tokenizer
+    from atm_ray.data.teacher_folder import load_teacher_tokenizer
 
     tokenizer = load_teacher_tokenizer(str(bert_teacher))
     special = SpecialTokens.from_tokenizer(tokenizer)
@@ -181,7 +181,7 @@ def test_pre_ln_student_takes_a_post_ln_teachers_layers(kind, tmp_path, texts):
     from atm_ray.data.tokenizer import SpecialTokens
     from atm_ray.train.distill import init_from_teacher_layers
     from atm_ray.train.modeling import build_masked_lm
-    from atm_ray.train.teachers import SAFE_LOADING, load_teacher_tokenizer
+    from atm_ray.data.teacher_folder import SAFE_LOADING, load_teacher_tokenizer
 
     folder = save_teacher(tmp_path / kind, kind, texts)
     teacher = AutoModelForMaskedLM.from_pretrained(folder, **SAFE_LOADING)
