@@ -43,6 +43,12 @@ def console_logging(verbose: bool = False) -> None:
         ours.addHandler(handler)
         ours.propagate = False
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:
+        # transformers draws a "Loading weights" bar for every model it loads (each evaluation, each
+        # fine-tuning's test scoring): noise between our lines. Its flag is read when it is imported.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers.utils.logging" in sys.modules:
+            sys.modules["transformers.utils.logging"].disable_progress_bar()
     if verbose:
         os.environ[VERBOSE_ENV] = "1"  # Ray workers inherit it (init_ray passes it on)
     if not logging.getLogger().handlers:

@@ -285,6 +285,8 @@ def test_pipeline_with_ray_from_an_xlmr_teacher_without_stage2(tmp_path, texts):
         manifest = json.loads((run_dir / stage / "manifest.json").read_text())
         assert manifest["provided"] and manifest["inputs"]["teacher"] == str(teacher.resolve()), stage
     assert "the teacher you gave" in finished.stdout
+    # transformers' per-model "Loading weights" bars stay off the console (evaluation loads four models)
+    assert "Loading weights" not in finished.stdout + finished.stderr
     distilled = json.loads((run_dir / "intermediate_distill" / "manifest.json").read_text())
     assert set(distilled["inputs"]["teachers"]) == {str(teacher.resolve())}
     assert (run_dir / "evaluation" / "comparison.md").is_file()
