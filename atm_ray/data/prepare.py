@@ -144,9 +144,8 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
     run_dir = Path(run_dir or config.resolved_run_dir())
     output = PreparedData(run_dir / "prepare")
     teacher = config.teachers.stage1  # its tokenizer replaces the one we would train
-    if teacher:  # a folder that cannot be used is refused before any work
-        check_teacher_folder(teacher, "teachers.stage1")
-        load_teacher_tokenizer(teacher)
+    # a folder that cannot be used is refused before any work (its tokenizer is loaded once, below)
+    teacher_config = check_teacher_folder(teacher, "teachers.stage1") if teacher else None
     config_hash = config.section_hash(*PREPARE_SECTIONS)
     if teacher:  # the teacher's tokenizer replaces ours: its files are part of what the shards depend on
         config_hash = settings_hash({"sections": config_hash, "tokenizer": str(Path(teacher).expanduser().resolve()),
@@ -165,13 +164,14 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
     if not bars:
         datasets.disable_progress_bars()
     try:
-        return _prepare(config, output, config_hash, manifest_path, bars)
+        return _prepare(config, output, config_hash, manifest_path, bars, teacher_config)
     finally:
         if not were_disabled:
             datasets.enable_progress_bars()
 
 
-def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_path: Path, bars: bool) -> PreparedData:
+def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_path: Path, bars: bool,
+             teacher_config: dict | None) -> PreparedData:
     data = config.data
     corpora: dict[str, dict[str, list[dict]]] = {}
     reports: list[str] = []
@@ -187,7 +187,7 @@ def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_pa
     if teacher:
         logger.info("prepare: the tokenizer of teacher %s (tokenizer.vocab_size of the preset is not used)", teacher)
         tokenizer = load_teacher_tokenizer(teacher)
-        vocab_size = check_teacher_folder(teacher, "teachers.stage1")["vocab_size"]  # the model's (may exceed the tokenizer's)
+        vocab_size = teacher_config["vocab_size"]  # the model's (may exceed the tokenizer's)
     else:
         training_text = [record["text"] for domain in DOMAINS for record in corpora[domain]["train"]]
         logger.info("prepare: training a %d-piece tokenizer on %d texts", config.tokenizer.vocab_size, len(training_text))
