@@ -89,7 +89,7 @@ def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(name: str, title: str, rows: dict[str, dict], parameters: dict[str, int]) -> str:
+def table(name: str, title: str, rows: dict[str, dict], parameters: dict[str, int], seeds: int) -> str:
     base = rows["scratch"]
     lines = [f"### {title}", "",
              "| model | non-emb. params | intent acc. | slot F1 | exact match | Δ EM err. vs scratch | EM gain beyond 2σ |",
@@ -100,7 +100,12 @@ def table(name: str, title: str, rows: dict[str, dict], parameters: dict[str, in
         change = "—" if model == "scratch" else f"{100 * (error - base_error) / max(base_error, 1e-9):+.1f}%"
         gain = scores["exact_match"][0] - base["exact_match"][0]
         spread = 2 * max(scores["exact_match"][1], base["exact_match"][1])
-        verdict = "—" if model == "scratch" else (f"yes (+{100 * gain:.2f})" if gain > spread else f"no ({100 * gain:+.2f}, 2σ {100 * spread:.2f})")
+        if model == "scratch":
+            verdict = "—"
+        elif seeds < 2:  # one seed has no spread to compare with
+            verdict = f"n/a ({100 * gain:+.2f}, one seed)"
+        else:
+            verdict = f"yes (+{100 * gain:.2f})" if gain > spread else f"no ({100 * gain:+.2f}, 2σ {100 * spread:.2f})"
         lines.append(f"| {model} | {parameters[model]:,} | " + " | ".join(cells) + f" | {change} | {verdict} |")
     return "\n".join(lines) + "\n"
 
@@ -168,7 +173,7 @@ def main() -> None:
         rows = {model: {metric: summarise(values) for metric, values in metrics.items()} for model, metrics in scores.items()}
         results[dataset] = {"rows": rows, "per_seed": scores, "seeds": args.seeds, "data": located}
         title = f"{dataset} ({located}; {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test; seeds {args.seeds})"
-        sections.append(table(dataset, title, rows, parameters))
+        sections.append(table(dataset, title, rows, parameters, len(args.seeds)))
 
     report = (f"# NLU quality, preset {config.name}\n\nMean ± standard deviation over fine-tuning seeds, in %. "
               "A gain counts when it exceeds twice the larger standard deviation of the two rows.\n\n"

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from atm_ray.config import DOMAINS, Config, CorpusConfig
 from atm_ray.data import files
-from atm_ray.data.readers import read_text_source, to_spoken_form
+from atm_ray.data.readers import read_nlu, read_text_source, spoken_form, to_spoken_form
 from atm_ray.data.masking import most_frequent_token, pack_batch, tokenize_batch
 from atm_ray.data.tokenizer import SpecialTokens, load_tokenizer, tokenizer_statistics, train_tokenizer
 from atm_ray.data.teacher_folder import TOKENIZER_FILES, check_teacher_folder, load_teacher_tokenizer
@@ -108,6 +108,44 @@ def read_corpus(corpus: CorpusConfig, root: str, strict: bool, seed: int) -> tup
     return {"train": train, "heldout": heldout}, reports
 
 
+def evaluation_sources(config: Config) -> list:
+    """The labelled sets whose utterances pretraining must not see (``data.decontaminate``)."""
+    if not config.data.decontaminate:
+        return []
+    return [*config.finetune.dev, *config.finetune.test, *config.data.exclude]
+
+
+def _match_key(text: str) -> str:
+    # letters and digits only: labelled sets are tokenised ("what 's", "7 am"), pretraining text is not
+    return "".join(character for character in spoken_form(text) if character.isalnum())
+
+
+def decontaminate(config: Config, corpora: dict[str, dict[str, list[dict]]]) -> dict[str, int]:
+    """Drop training texts that also appear in a held-out or evaluation set; returns how many per domain.
+
+    Texts match when their letters and digits are equal, lower-cased. A set that is not there (pretraining
+    on a machine without the labelled data) is skipped with a warning.
+    """
+    if not config.data.decontaminate:
+        return {}
+    held = {_match_key(record["text"]) for domain in DOMAINS for record in corpora[domain]["heldout"]}
+    for source in evaluation_sources(config):
+        location = files.resolve(source.path, config.data.root)
+        if not files.exists(location):
+            logger.warning("prepare: %s not found: pretraining text is not checked against it", location)
+            continue
+        records, _ = read_nlu(source.format, location, source.lang, strict=False)
+        held.update(_match_key(" ".join(record["tokens"])) for record in records)
+    held.discard("")
+    removed = {}
+    for domain in DOMAINS:
+        train = corpora[domain]["train"]
+        kept = [record for record in train if _match_key(record["text"]) not in held]
+        removed[domain] = len(train) - len(kept)
+        corpora[domain]["train"] = kept
+    return removed
+
+
 def write_shards(table: pa.Table, directory: Path, rows_per_shard: int) -> int:
     """Write ``table`` as numbered Parquet shards; each file appears only when complete."""
     if directory.exists():
@@ -147,6 +185,9 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
     # a folder that cannot be used is refused before any work (its tokenizer is loaded once, below)
     teacher_config = check_teacher_folder(teacher, "teachers.stage1") if teacher else None
     config_hash = config.section_hash(*PREPARE_SECTIONS)
+    if evaluation_sources(config):  # the shards depend on the sets they were checked against
+        config_hash = settings_hash({"sections": config_hash,
+                                     "evaluation": [source.model_dump(mode="json") for source in evaluation_sources(config)]})
     if teacher:  # the teacher's tokenizer replaces ours: its files are part of what the shards depend on
         config_hash = settings_hash({"sections": config_hash, "tokenizer": str(Path(teacher).expanduser().resolve()),
                                      "files": files_hash(Path(teacher).expanduser(), TOKENIZER_FILES + EXTRA_TOKENIZER_FILES)})
@@ -182,6 +223,10 @@ def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_pa
         logger.debug("read %s", line)  # all of them are in the manifest's "read"
     logger.info("prepare: read %d files, %s", len(reports),
                 ", ".join(f"{len(corpora[domain]['train'])} {domain} training texts" for domain in DOMAINS))
+    removed = decontaminate(config, corpora)
+    if any(removed.values()):
+        logger.info("prepare: dropped %s training texts that are in held-out or evaluation sets (data.decontaminate)",
+                    " and ".join(f"{count} {domain}" for domain, count in removed.items()))
 
     teacher = config.teachers.stage1
     if teacher:
@@ -226,6 +271,7 @@ def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_pa
             "seq_len": data.max_seq_len,
             "counts": counts,
             "most_frequent_token": unigram,
+            "decontaminated": removed,
             "read": reports,
         },
     )

@@ -163,7 +163,11 @@ class NluTrainer:
         sums = torch.zeros(3, dtype=torch.float64)
         count = 0
         for batch in batches:
-            batch = {name: torch.as_tensor(value).to(device) for name, value in batch.items()}
+            batch = {name: torch.as_tensor(value) for name, value in batch.items()}
+            # rows are padded to max_seq_len, and attention never looks past a row's end: the batch only
+            # needs its longest row (assistant utterances are short; this halves an epoch on SNIPS)
+            length = int(batch["attention_mask"].sum(dim=1).max())
+            batch = {name: (value[:, :length] if value.dim() == 2 else value).to(device) for name, value in batch.items()}
             output = forward(**batch)
             output.loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -423,6 +427,10 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
     settings = config.finetune
     tokenizer = AutoTokenizer.from_pretrained(plan.encoder_dir)
     trainer = build_nlu_trainer(config, plan, _steps_per_epoch(len(data.train), settings))
+    # a GPU when there is one (under Ray, Ray Train picks the device); the optimiser keeps its parameters,
+    # which Module.to moves in place
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trainer.model.to(device)
     # keyed by the config hash: a changed configuration never resumes (or publishes) another one's state
     latest = Path(plan.stage_dir) / "checkpoints" / plan.config_hash / "latest"
     if (latest / STATE_FILE).is_file():
@@ -447,7 +455,7 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
         partial.replace(latest)
         progress.evaluated(metrics)  # after the checkpoint: what it says is on disk
 
-    fit(trainer, trainer.model, epoch_batches, data.dev, tokenizer, torch.device("cpu"), report)
+    fit(trainer, trainer.model, epoch_batches, data.dev, tokenizer, device, report)
     progress.close()
     return latest
 

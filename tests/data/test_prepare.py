@@ -111,3 +111,41 @@ def test_second_run_into_the_same_folder_is_refused_and_a_stale_lock_taken_over(
     (run_dir / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "command": "x"}))
     with run_folder_lock(run_dir, "second"):
         assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def _jointbert(folder, utterances):
+    folder.mkdir(parents=True)
+    (folder / "seq.in").write_text("".join(f"{text}\n" for text in utterances))
+    (folder / "seq.out").write_text("".join(" ".join("O" for _ in text.split()) + "\n" for text in utterances))
+    (folder / "label").write_text("".join("PlayMusic\n" for _ in utterances))
+    return folder
+
+
+@pytest.mark.parametrize("decontaminate", [True, False])
+def test_pretraining_text_in_evaluation_sets_is_dropped(tmp_path, decontaminate):
+    """Public assistant corpora overlap (xSID's training text holds most of SNIPS's test utterances): a
+    pretraining text equal to a held-out, finetune.dev/test or data.exclude utterance, up to case and
+    punctuation, is dropped from training; the rest is kept."""
+    filler = [f"remind me to call person number {index} tomorrow" for index in range(300)]
+    leaked = ["Play some Jazz music!", "what's the weather in paris", "book a table for two", "wake me up at 7"]
+    (tmp_path / "spoken.txt").write_text("\n".join(filler + leaked) + "\n")
+    (tmp_path / "heldout.txt").write_text("wake me up at 7\nsomething never said in training\n")
+    test = _jointbert(tmp_path / "test", ["play some jazz music", "an utterance pretraining never saw"])
+    dev = _jointbert(tmp_path / "dev", ["what 's the weather in paris"])
+    extra = _jointbert(tmp_path / "extra", ["book a table for two"])
+    config = load_config("tiny", [
+        f"run_dir={tmp_path / 'run'}",
+        "data.written.train=[{format: conllu, path: 'bundled:written/en_ewt-ud-dev.conllu', max_records: 300}]",
+        "data.written.heldout=[]",
+        f"data.spoken.train=[{{format: text, path: '{tmp_path / 'spoken.txt'}', lang: en}}]",
+        f"data.spoken.heldout=[{{format: text, path: '{tmp_path / 'heldout.txt'}', lang: en}}]",
+        f"finetune.test=[{{format: jointbert, path: '{test}'}}]",
+        f"finetune.dev=[{{format: jointbert, path: '{dev}'}}]",
+        f"data.exclude=[{{format: jointbert, path: '{extra}'}}]",
+        f"data.decontaminate={str(decontaminate).lower()}",
+        "tokenizer.vocab_size=300",
+    ])
+    manifest = prepare(config).manifest
+    expected = len(filler) if decontaminate else len(filler) + len(leaked)
+    assert manifest["counts"]["spoken"]["train"]["records"] == expected
+    assert manifest["decontaminated"] == ({"written": 0, "spoken": len(leaked)} if decontaminate else {})
