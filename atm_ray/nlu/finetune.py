@@ -165,7 +165,7 @@ class NluTrainer:
         for batch in batches:
             batch = {name: torch.as_tensor(value) for name, value in batch.items()}
             # rows are padded to max_seq_len, and attention never looks past a row's end: the batch only
-            # needs its longest row (assistant utterances are short; this halves an epoch on SNIPS)
+            # needs its longest row (SNIPS, rows of 48: 30 positions a batch on average, 16 a row)
             length = int(batch["attention_mask"].sum(dim=1).max())
             batch = {name: (value[:, :length] if value.dim() == 2 else value).to(device) for name, value in batch.items()}
             output = forward(**batch)
