@@ -1,15 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, as run through the `device` tool on an H100/H200 that has torch and transformers but
-# neither Ray nor DeepSpeed. Carry `.whl/` (pydantic, pydantic-core, annotated-types, typing-inspection,
-# typing_extensions, hjson wheels and DeepSpeed's sdist); results land in $OUT.
+# neither Ray nor DeepSpeed. Carry `.whl/` (see bench/gpu_env.sh); results land in $OUT.
 set -euo pipefail
-OUT=${OUT:-/tmp/atm-ray-gpu}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+source bench/gpu_env.sh
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, deepspeed; print(torch.__version__, transformers.__version__, deepspeed.__version__)" | tee -a "$OUT/gpu.txt"

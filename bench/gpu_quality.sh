@@ -2,20 +2,14 @@
 # Issue 13 on a lent GPU (H100/H200 with torch and transformers, no Ray, no DeepSpeed): the `cpu` preset's
 # masked-LM stages without Ray (`run_stages(..., use_ray=False)`, the same engine loop) at its own shapes and at
 # bigger ones, then fine-tuning of the scratch baseline and the final student on SNIPS and SLURP over 3 seeds
-# (bench/nlu_quality.py --no-ray, each seed and dataset in its own process on the host's cores).
+# (bench/nlu_quality.py --no-ray on the GPU, each seed and dataset in its own process).
 #
-# Carry `.whl/` (DeepSpeed's sdist, hjson, datasets, dill, multiprocess, pydantic and its parts) and the corpora
+# Carry `.whl/` (see bench/gpu_env.sh) and the corpora
 # the preset reads, laid out as in ../shared/data, in `.gpu_data/` (and, optionally, `atm-ray prepare --preset cpu`'s
 # folder in `.gpu_prep/`). Results land in $OUT.
 #   VARIANTS="cpu wide" STEPS_SCALE=1 bash bench/gpu_quality.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/atm-ray-gpu}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+source bench/gpu_env.sh
 if [ -d .gpu_data ] && [ ! -e ../shared/data ]; then
   mkdir -p ../shared && ln -s "$PWD/.gpu_data" ../shared/data
 fi
