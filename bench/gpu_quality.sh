@@ -45,7 +45,8 @@ if scale != 1:
             settings = getattr(getattr(config, section), stage)
             for field in ("steps", "eval_every", "checkpoint_every"):
                 print(f"{section}.{stage}.{field}={max(2, int(getattr(settings, field) * scale))}", end=" ")
-    print(f"distill.intermediate.switch.max_steps={max(2, int(300 * scale))} finetune.max_epochs={max(1, int(15 * scale))}")
+    print(f"distill.intermediate.switch.max_steps={max(2, int(config.distill.intermediate.switch.max_steps * scale))}",
+          f"finetune.max_epochs={max(1, int(config.finetune.max_epochs * scale))}")
 EOF
 }
 SCALED=$(scaled_steps)

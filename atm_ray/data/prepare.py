@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from atm_ray.config import DOMAINS, Config, CorpusConfig
 from atm_ray.data import files
-from atm_ray.data.readers import read_nlu, read_text_source, spoken_form, to_spoken_form
+from atm_ray.data.readers import read_nlu, read_text_source, to_spoken_form
 from atm_ray.data.masking import most_frequent_token, pack_batch, tokenize_batch
 from atm_ray.data.tokenizer import SpecialTokens, load_tokenizer, tokenizer_statistics, train_tokenizer
 from atm_ray.data.teacher_folder import TOKENIZER_FILES, check_teacher_folder, load_teacher_tokenizer
@@ -117,20 +117,19 @@ def evaluation_sources(config: Config) -> list:
 
 def _match_key(text: str) -> str:
     # letters and digits only: labelled sets are tokenised ("what 's", "7 am"), pretraining text is not
-    return "".join(character for character in spoken_form(text) if character.isalnum())
+    return "".join(character for character in text.lower() if character.isalnum())
 
 
-def decontaminate(config: Config, corpora: dict[str, dict[str, list[dict]]]) -> dict[str, int]:
-    """Drop training texts that also appear in a held-out or evaluation set; returns how many per domain.
+def decontaminate(corpora: dict[str, dict[str, list[dict]]], sources: list, root: str) -> dict[str, int]:
+    """Drop training texts that also appear in a held-out text or a labelled set of ``sources``; returns how
+    many per domain.
 
     Texts match when their letters and digits are equal, lower-cased. A set that is not there (pretraining
     on a machine without the labelled data) is skipped with a warning.
     """
-    if not config.data.decontaminate:
-        return {}
     held = {_match_key(record["text"]) for domain in DOMAINS for record in corpora[domain]["heldout"]}
-    for source in evaluation_sources(config):
-        location = files.resolve(source.path, config.data.root)
+    for source in sources:
+        location = files.resolve(source.path, root)
         if not files.exists(location):
             logger.warning("prepare: %s not found: pretraining text is not checked against it", location)
             continue
@@ -185,9 +184,10 @@ def prepare(config: Config, run_dir: Path | None = None, force: bool = False) ->
     # a folder that cannot be used is refused before any work (its tokenizer is loaded once, below)
     teacher_config = check_teacher_folder(teacher, "teachers.stage1") if teacher else None
     config_hash = config.section_hash(*PREPARE_SECTIONS)
-    if evaluation_sources(config):  # the shards depend on the sets they were checked against
+    evaluation = evaluation_sources(config)
+    if evaluation:  # the shards depend on the sets they were checked against
         config_hash = settings_hash({"sections": config_hash,
-                                     "evaluation": [source.model_dump(mode="json") for source in evaluation_sources(config)]})
+                                     "evaluation": [source.model_dump(mode="json") for source in evaluation]})
     if teacher:  # the teacher's tokenizer replaces ours: its files are part of what the shards depend on
         config_hash = settings_hash({"sections": config_hash, "tokenizer": str(Path(teacher).expanduser().resolve()),
                                      "files": files_hash(Path(teacher).expanduser(), TOKENIZER_FILES + EXTRA_TOKENIZER_FILES)})
@@ -223,7 +223,7 @@ def _prepare(config: Config, output: PreparedData, config_hash: str, manifest_pa
         logger.debug("read %s", line)  # all of them are in the manifest's "read"
     logger.info("prepare: read %d files, %s", len(reports),
                 ", ".join(f"{len(corpora[domain]['train'])} {domain} training texts" for domain in DOMAINS))
-    removed = decontaminate(config, corpora)
+    removed = decontaminate(corpora, evaluation_sources(config), data.root) if data.decontaminate else {}
     if any(removed.values()):
         logger.info("prepare: dropped %s training texts that are in held-out or evaluation sets (data.decontaminate)",
                     " and ".join(f"{count} {domain}" for domain, count in removed.items()))
