@@ -20,11 +20,14 @@ import os
 import sys
 from pathlib import Path
 
-from atm_ray.config import AtmRayError, load_config
+from atm_ray.config import INFERENCE_BACKENDS, AtmRayError, load_config
 from atm_ray.train.stage_table import DISTILL_STAGES, PRETRAIN_STAGES
 from atm_ray.utils import RunFolderBusy, console_logging, run_folder_lock
 
 # commands that write into a run folder: one at a time per folder
+# bench/cpu_backends.py: ONNX Runtime int8 ran the 17M student's batch-1 forward in 0.4-0.7x torch int8's time
+BACKEND_HELP = ("onnxruntime (default: exported once per model and cached, the fastest on CPUs) or torch "
+                "(eager; the one for a GPU)")
 WRITES_RUN_FOLDER = ("prepare", "pretrain", "distill", "finetune", "pipeline", "sweep")
 
 
@@ -144,6 +147,7 @@ def command_serve(args) -> None:
         "num_cpus": args.cpus_per_replica,
         "torch_threads": args.torch_threads,
         "quantize": None if args.quantize == "none" else args.quantize,
+        "backend": args.backend,
         "top_k": args.top_k,
         "fallback_intent": args.fallback_intent,
         "fallback_threshold": args.fallback_threshold,
@@ -202,7 +206,7 @@ def command_predict(args) -> None:
     use_ray = True if args.ray else False if args.no_ray else None
     summary = predict_file(
         args.model, args.input, args.output, use_ray=use_ray, on_error=args.on_error,
-        quantize=None if args.quantize == "none" else args.quantize, top_k=args.top_k, batch_size=args.batch_size,
+        quantize=None if args.quantize == "none" else args.quantize, backend=args.backend, top_k=args.top_k, batch_size=args.batch_size,
         actors=args.actors, threads_per_actor=args.threads_per_actor, address=args.address,
     )
     print(summary.summary())
@@ -305,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--torch-threads", type=int, default=1, help="threads per replica")
     serve_parser.add_argument("--max-batch-size", type=int, default=16)
     serve_parser.add_argument("--quantize", choices=("int8", "none"), default="int8", help="dynamic int8 quantisation (default: faster on CPUs, same accuracy) or none (fp32)")
+    serve_parser.add_argument("--backend", choices=INFERENCE_BACKENDS, default="onnxruntime", help=BACKEND_HELP)
     serve_parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
                               help="HTTP ingress: Ray's HAProxy high-throughput mode (default) or Serve's Python proxy")
     serve_parser.add_argument("--top-k", type=int, default=3, help="intents in each answer's ranking")
@@ -321,13 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--output", type=Path, required=True, help=".jsonl or .parquet: the endpoint's fields per utterance")
     predict_parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                                 help="a malformed input line stops the run (default) or is skipped and reported")
-    backend = predict_parser.add_mutually_exclusive_group()
-    backend.add_argument("--ray", action="store_true", help="Ray Data with a pool of model actors (default above 20,000 utterances)")
-    backend.add_argument("--no-ray", action="store_true", help="in this process")
+    where = predict_parser.add_mutually_exclusive_group()
+    where.add_argument("--ray", action="store_true", help="Ray Data with a pool of model actors (default above 20,000 utterances)")
+    where.add_argument("--no-ray", action="store_true", help="in this process")
     predict_parser.add_argument("--actors", type=int, default=2, help="model actors under Ray")
     predict_parser.add_argument("--threads-per-actor", type=int, default=1)
     predict_parser.add_argument("--batch-size", type=int, default=64)
     predict_parser.add_argument("--quantize", choices=("int8", "none"), default="int8")
+    predict_parser.add_argument("--backend", choices=INFERENCE_BACKENDS, default="onnxruntime", help=BACKEND_HELP)
     predict_parser.add_argument("--top-k", type=int, default=3, help="intents in each answer's ranking")
     predict_parser.add_argument("--address", default=None, help="a running Ray cluster (implies --ray)")
     predict_parser.set_defaults(handler=command_predict)

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from atm_ray.utils import settings_hash
 
 PRESETS = ("tiny", "cpu", "paper")
+# how a fine-tuned model runs for serving and prediction (atm_ray.nlu.model.Parser): ONNX Runtime, the
+# fastest on a CPU and the default of `atm-ray serve`/`predict`, or torch (eager; also GPUs)
+INFERENCE_BACKENDS = ("onnxruntime", "torch")
 
 
 class AtmRayError(ValueError):

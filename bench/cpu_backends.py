@@ -1,13 +1,13 @@
 """CPU inference backends for the joint intent + slot model, measured in one run on the same inputs and
 threads: torch eager fp32; dynamic int8 (``quantize: int8``, the CPU default of ``atm-ray serve``);
-torch.compile (inductor) of both; ONNX Runtime fp32 and dynamic int8 (an optional extra, not a dependency).
+torch.compile (inductor) of both; ONNX Runtime fp32 and dynamic int8 (the Parser's ``onnxruntime`` backend;
+dynamic int8 is the CPU default of ``atm-ray serve`` and ``atm-ray predict``).
 
 Speed: the raw forward at batch 1 (p50 / p99 over SNIPS test utterances, each padded to its own length) and
 at batch 16, on the 17M-parameter model of the paper's final shape (random weights: speed does not depend
 on them) or ``--model``. Parity: on a trained export (``--parity-model``, default the tiny run's fine-tuned
 student), the share of SNIPS test utterances whose intent and every word's slot tag equal eager fp32's.
 
-    pip install onnxruntime onnx onnxscript      # for the ONNX Runtime rows
     python bench/cpu_backends.py [--threads 1] [--model EXPORT] [--parity-model EXPORT]
 """
 
@@ -30,22 +30,11 @@ from serve_latency import build_model, percentiles  # noqa: E402
 from atm_ray.data.files import resolve  # noqa: E402
 from atm_ray.data.readers import read_nlu  # noqa: E402
 from atm_ray.nlu.model import RobertaPreLayerNormForIntentAndSlots, encode_words, quantize_int8  # noqa: E402
-
-
-class Logits(torch.nn.Module):
-    """The joint model with plain tensor outputs (what torch.onnx.export traces)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return output.intent_logits, output.slot_logits
+from atm_ray.nlu.onnx_backend import OnnxJointModel, _Logits  # noqa: E402
 
 
 def torch_backend(model, compiled: bool):
-    wrapped = Logits(model).eval()
+    wrapped = _Logits(model).eval()
     if compiled:
         wrapped = torch.compile(wrapped, dynamic=True)
 
@@ -57,51 +46,33 @@ def torch_backend(model, compiled: bool):
     return run
 
 
-def onnx_backends(model, directory: Path, threads: int) -> dict:
-    import onnxruntime
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def onnx_backend(model, export: Path, quantize: str | None):
+    """The Parser's own ONNX Runtime backend (export cached by weights, threads from torch's setting)."""
+    session = OnnxJointModel(model, export, quantize).session
 
-    directory.mkdir(parents=True, exist_ok=True)
-    fp32 = directory / "model.onnx"
-    example = (torch.ones(2, 12, dtype=torch.long), torch.ones(2, 12, dtype=torch.long))
-    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-    torch.onnx.export(Logits(model).eval(), example, str(fp32), input_names=["input_ids", "attention_mask"],
-                      output_names=["intent_logits", "slot_logits"], dynamo=True,
-                      dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}})
-    int8 = directory / "model.int8.onnx"
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
-    backends = {}
-    for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8)):
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def run(inputs):
+        return tuple(session.run(None, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}))
 
-        def run(inputs, session=session):
-            return tuple(session.run(None, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}))
-
-        backends[name] = run
-    return backends
+    return run
 
 
-def make_backends(export: Path, threads: int, work: Path) -> tuple[dict, dict]:
+def make_backends(export: Path) -> tuple[dict, dict]:
     """Every backend that builds here, and why the others did not."""
     load = lambda: RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(export), dtype=torch.float32).eval()  # noqa: E731
     backends, failed = {}, {}
     builders = {
         "torch fp32": lambda: torch_backend(load(), compiled=False),
-        "torch int8 (default)": lambda: torch_backend(quantize_int8(load()), compiled=False),
+        "torch int8": lambda: torch_backend(quantize_int8(load()), compiled=False),
         "torch.compile fp32": lambda: torch_backend(load(), compiled=True),
         "torch.compile int8": lambda: torch_backend(quantize_int8(load()), compiled=True),
+        "onnxruntime fp32": lambda: onnx_backend(load(), export, None),
+        "onnxruntime int8 (default)": lambda: onnx_backend(load(), export, "int8"),
     }
     for name, build in builders.items():
         try:
             backends[name] = build()
         except Exception as error:  # a backend that does not build is a result, not a crash
             failed[name] = repr(error)[:300]
-    try:
-        backends.update(onnx_backends(load(), work / export.name, threads))
-    except Exception as error:
-        failed["onnxruntime"] = repr(error)[:300]
     return backends, failed
 
 
@@ -164,12 +135,12 @@ def main() -> None:
         model = args.model or build_model(work / "paper-final")
         single = encoded(model, word_lists[: args.utterances], 1)
         batches = encoded(model, word_lists, 16)
-        backends, results["failed"] = make_backends(model, args.threads, work)
+        backends, results["failed"] = make_backends(model)
         for name, run in backends.items():
             results["speed"][name] = speed(run, [(inputs, positions) for inputs, positions in single], batches, rounds=1)
             print(f"{name}: {json.dumps(results['speed'][name])}", flush=True)
         if args.parity_model and (args.parity_model / "config.json").is_file():
-            trained, _ = make_backends(args.parity_model, args.threads, work)
+            trained, _ = make_backends(args.parity_model)
             parity_inputs = encoded(args.parity_model, word_lists, 1)
             reference = trained["torch fp32"]
             trained_config = json.loads((args.parity_model / "config.json").read_text())

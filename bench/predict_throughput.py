@@ -38,7 +38,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-        reference = Parser(args.model, quantize="int8")
+        reference = Parser(args.model, quantize="int8", backend="onnxruntime")  # what predict_file runs
         started = time.perf_counter()
         for start in range(0, len(texts), args.batch_size):
             reference.parse(texts[start : start + args.batch_size])

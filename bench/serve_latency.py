@@ -1,7 +1,8 @@
 """Serving against the machine's own ceiling, in one run (loopback, bounded):
 
 1. in process, same backend and threads as a replica: the raw model forward at batch 1, ``Parser.parse``
-   at batch 1 (the floor) and at batch 16 (the batched ceiling, utterances/s), fp32 and int8;
+   at batch 1 (the floor) and at batch 16 (the batched ceiling, utterances/s), for the served backend
+   (default ONNX Runtime int8, as ``atm-ray serve``) and for torch fp32 and int8;
 2. the Ray Serve app driven by ``wrk`` (a C load generator: a Python client would eat the cores it
    measures): 1 connection (p50, p99) and 16 connections (req/s, p99), with Ray's HAProxy ingress
    (high-throughput mode, the default) and with Serve's Python proxy;
@@ -69,14 +70,14 @@ def percentiles(times: list[float]) -> dict:
     return {"p50_ms": 1000 * ordered[len(ordered) // 2], "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
 
-def in_process(model: Path, count: int, quantize: str | None, threads: int = 1) -> dict:
+def in_process(model: Path, count: int, quantize: str | None, backend: str = "torch", threads: int = 1) -> dict:
     """The raw forward and the Parser at batch 1, and the Parser's batched ceiling (batches of 16)."""
     import torch
 
     from atm_ray.nlu.model import Parser, encode_words
 
     torch.set_num_threads(threads)
-    parser = Parser(model, quantize=quantize)
+    parser = Parser(model, quantize=quantize, backend=backend)
     words = [text.split() for text in TEXTS]
     config = parser.model.config
     inputs = [encode_words(parser.tokenizer, [word_list], config.max_position_embeddings - 2, config.lowercase)[0] for word_list in words]
@@ -144,7 +145,8 @@ def free_port() -> int:
         return handle.getsockname()[1]
 
 
-def serve_app(url: str, model: Path, seconds: int, arms: int = 1, replicas: int = 1, threads: int = 1, quantize: str | None = None) -> dict:
+def serve_app(url: str, model: Path, seconds: int, arms: int = 1, replicas: int = 1, threads: int = 1, quantize: str | None = None,
+              backend: str = "onnxruntime") -> dict:
     from ray import serve
 
     from atm_ray.serve.app import build_app
@@ -153,7 +155,7 @@ def serve_app(url: str, model: Path, seconds: int, arms: int = 1, replicas: int 
     if arms == 2:
         arm_list.append({"name": "B", "model_dir": str(model), "weight": 10})
     serve.run(build_app({"arms": arm_list, "num_replicas": replicas, "torch_threads": threads, "num_cpus": threads * 0.5,
-                         "quantize": quantize}), name="bench", route_prefix="/")
+                         "quantize": quantize, "backend": backend}), name="bench", route_prefix="/")
     try:
         for text in TEXTS * 5:  # warm every replica
             requests.post(f"{url}/v1/parse", json={"text": text}, timeout=30).raise_for_status()
@@ -189,30 +191,33 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--count", type=int, default=300, help="in-process calls per measurement")
     parser.add_argument("--seconds", type=int, default=10, help="per wrk run")
-    parser.add_argument("--quantize", choices=("int8", "none"), default="int8", help="the backend measured through Serve")
+    parser.add_argument("--quantize", choices=("int8", "none"), default="int8", help="the quantisation measured through Serve")
+    parser.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime", help="the backend measured through Serve")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--in-process-only", action="store_true", help="only the in-process measurements (no Ray)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk (Debian/Ubuntu)")
     quantize = None if args.quantize == "none" else args.quantize
-    results: dict = {"model": str(args.model or "paper final shape, random weights"), "serve_backend": args.quantize}
+    served = {"backend": args.backend, "quantize": quantize}
+    results: dict = {"model": str(args.model or "paper final shape, random weights"), "serve_backend": f"{args.backend} {args.quantize}"}
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or build_model(Path(scratch))
-        for backend in ("fp32", "int8"):
-            results[f"in_process_{backend}"] = in_process(model, args.count, None if backend == "fp32" else "int8")
-            print(f"in process, {backend}, 1 thread:", results[f"in_process_{backend}"], flush=True)
-        results["in_process_2_threads"] = in_process(model, args.count, quantize, threads=2)
-        print(f"in process, {args.quantize}, 2 threads:", results["in_process_2_threads"], flush=True)
+        for name, options in (("serve", served), ("fp32", {"backend": "torch", "quantize": None}),
+                              ("int8", {"backend": "torch", "quantize": "int8"})):
+            results[f"in_process_{name}"] = in_process(model, args.count, **options)
+            print(f"in process, {name} ({options}), 1 thread:", results[f"in_process_{name}"], flush=True)
+        results["in_process_2_threads"] = in_process(model, args.count, **served, threads=2)
+        print(f"in process, {results['serve_backend']}, 2 threads:", results["in_process_2_threads"], flush=True)
         if args.in_process_only:
             return
         url = start_serve("haproxy")
         for name, options in (("haproxy_1_arm", {}), ("haproxy_2_arms", {"arms": 2}),
                               ("haproxy_2_replicas_x_1_thread", {"replicas": 2}), ("haproxy_1_replica_x_2_threads", {"threads": 2})):
-            results[name] = serve_app(url, model, args.seconds, quantize=quantize, **options)
+            results[name] = serve_app(url, model, args.seconds, **served, **options)
             print(f"{name}:", results[name], flush=True)
         url = start_serve("proxy")
-        results["proxy_1_arm"] = serve_app(url, model, args.seconds, quantize=quantize)
+        results["proxy_1_arm"] = serve_app(url, model, args.seconds, **served)
         print("proxy_1_arm:", results["proxy_1_arm"], flush=True)
         import ray
         from ray import serve
@@ -225,8 +230,8 @@ def main() -> None:
 
 
 def summarize(results: dict) -> None:
-    backend = "int8" if results["serve_backend"] == "int8" else "fp32"
-    floor = results[f"in_process_{backend}"]
+    backend = results["serve_backend"]
+    floor = results["in_process_serve"]
     one, two = results["haproxy_1_arm"], results["haproxy_2_arms"]
     overhead = floor["parse"]["p50_ms"] / floor["forward"]["p50_ms"] - 1
     goals = [
@@ -243,7 +248,7 @@ def summarize(results: dict) -> None:
     print(f"\nsummary ({results['model']}; Serve backend {backend}, 1 thread per replica unless said; loopback; wrk):")
     print(f"  in process: forward p50 {floor['forward']['p50_ms']:.2f} ms, Parser p50 {floor['parse']['p50_ms']:.2f} ms, batched "
           f"{floor['batched_utterances_per_s']:.0f} utt/s; fp32 Parser p50 {results['in_process_fp32']['parse']['p50_ms']:.2f} ms / "
-          f"{results['in_process_fp32']['batched_utterances_per_s']:.0f} utt/s, int8 {results['in_process_int8']['parse']['p50_ms']:.2f} ms / "
+          f"{results['in_process_fp32']['batched_utterances_per_s']:.0f} utt/s, torch int8 {results['in_process_int8']['parse']['p50_ms']:.2f} ms / "
           f"{results['in_process_int8']['batched_utterances_per_s']:.0f} utt/s")
     for name in ("haproxy_1_arm", "haproxy_2_arms", "haproxy_2_replicas_x_1_thread", "haproxy_1_replica_x_2_threads", "proxy_1_arm"):
         row = results[name]

@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,10 @@ from atm_ray.utils import VERBOSE_ENV
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the ONNX exports of the serving and prediction tests go here, not to the user's ~/.cache/atm-ray
+if "ATM_RAY_CACHE" not in os.environ:
+    os.environ["ATM_RAY_CACHE"] = tempfile.mkdtemp(prefix="atm-ray-cache-")
+    atexit.register(shutil.rmtree, os.environ["ATM_RAY_CACHE"], ignore_errors=True)
 
 SHARED_DATA = Path(os.environ.get("ATM_RAY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -25,7 +25,7 @@ from transformers import (
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging as hf_logging
 
-from atm_ray.config import AtmRayError
+from atm_ray.config import INFERENCE_BACKENDS, AtmRayError
 from atm_ray.data.masking import IGNORE_INDEX
 from atm_ray.nlu.metrics import slot_spans
 from atm_ray.utils import is_encodable
@@ -199,15 +199,17 @@ def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int
     """Per word list: the intent and its probability, the ``top_k`` most probable intents, and a BIO tag
     per word with its probability (words past the model's length get ``O`` with probability 1)."""
     config = model.config
-    device = next(model.parameters()).device
+    device = model.device
     max_seq_len = config.max_position_embeddings - config.pad_token_id - 1  # RoBERTa's positions start after padding
-    top_k = max(1, min(top_k, len(config.intent_labels) - 1))
+    # read once: each attribute read of a transformers config costs microseconds, and a parse reads labels per word
+    intent_labels, slot_labels, lowercase = config.intent_labels, config.slot_labels, config.lowercase
+    top_k = max(1, min(top_k, len(intent_labels) - 1))
     predictions = []
     if model.training:  # eval() walks every module: ~2 ms a call for the 17M student, more than the parse's other work
         model.eval()
     for start in range(0, len(word_lists), batch_size):
         chunk = word_lists[start : start + batch_size]
-        inputs, first_positions = encode_words(tokenizer, chunk, max_seq_len, config.lowercase)
+        inputs, first_positions = encode_words(tokenizer, chunk, max_seq_len, lowercase)
         output = model(**{name: torch.from_numpy(array).to(device) for name, array in inputs.items()})
         intent_logits = output.intent_logits.float()
         intent_logits[:, 0] = -torch.inf  # never answer "unknown": it has no training examples
@@ -218,12 +220,12 @@ def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int
         top_probabilities, top_intents = top_probabilities.tolist(), top_intents.tolist()
         slot_ids, tag_probabilities = slot_ids.cpu().numpy(), tag_probabilities.cpu().numpy()
         for row, positions in enumerate(first_positions):
-            ranking = [(config.intent_labels[index], probability) for index, probability in zip(top_intents[row], top_probabilities[row])]
+            ranking = [(intent_labels[index], probability) for index, probability in zip(top_intents[row], top_probabilities[row])]
             predictions.append({
                 "intent": ranking[0][0],
                 "confidence": ranking[0][1],
                 "ranking": ranking,
-                "slot_tags": [config.slot_labels[slot_ids[row, position]] if position >= 0 else "O" for position in positions],
+                "slot_tags": [slot_labels[slot_ids[row, position]] if position >= 0 else "O" for position in positions],
                 "tag_confidences": [float(tag_probabilities[row, position]) if position >= 0 else 1.0 for position in positions],
             })
     return predictions
@@ -262,20 +264,32 @@ class Parser:
     (end exclusive) into the original string. With ``fallback_intent`` set, an utterance whose best intent
     is less probable than ``fallback_threshold`` is answered with that intent (``fallback: true``; the
     ranking still shows the model's guesses) — what an assistant does with "sorry, I did not get that".
+
+    ``backend``: ``torch`` (eager; ``quantize="int8"`` makes its Linear layers dynamic int8) or
+    ``onnxruntime`` (CPU only: the model exported to ONNX once and cached, ``quantize="int8"`` quantised by
+    ONNX Runtime; what ``atm-ray serve`` and ``atm-ray predict`` use by default).
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 64, quantize: str | None = None,
-                 top_k: int = 3, fallback_intent: str | None = None, fallback_threshold: float = 0.0):
+                 top_k: int = 3, fallback_intent: str | None = None, fallback_threshold: float = 0.0, backend: str = "torch"):
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: no config.json (not a fine-tuned model folder)")
         if not 0.0 <= fallback_threshold <= 1.0:
             raise AtmRayError(f"fallback_threshold must lie in [0, 1], not {fallback_threshold}")
-        self.model = RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
-        if quantize == "int8":
-            self.model = quantize_int8(self.model)
-        elif quantize is not None:
+        if quantize not in ("int8", None):
             raise AtmRayError(f"quantize must be 'int8' or None, not {quantize!r}")
+        if backend not in INFERENCE_BACKENDS:
+            raise AtmRayError(f"backend must be one of {INFERENCE_BACKENDS}, not {backend!r}")
+        if backend == "onnxruntime" and torch.device(device).type != "cpu":
+            raise AtmRayError(f"backend 'onnxruntime' runs on the CPU, not on {device!r}; use backend 'torch'")
+        self.model = RobertaPreLayerNormForIntentAndSlots.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+        if backend == "onnxruntime":
+            from atm_ray.nlu.onnx_backend import OnnxJointModel
+
+            self.model = OnnxJointModel(self.model, model_dir, quantize)
+        elif quantize == "int8":
+            self.model = quantize_int8(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model_dir = model_dir
         self.batch_size = batch_size

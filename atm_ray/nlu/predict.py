@@ -34,7 +34,7 @@ class PredictSummary:
     output: Path
     utterances: int
     seconds: float
-    backend: str
+    runner: str  # this process, or Ray Data's actor pool
     skipped: list[str] = field(default_factory=list)  # "FILE:LINE: reason" of each malformed line
 
     @property
@@ -43,7 +43,7 @@ class PredictSummary:
 
     def summary(self) -> str:
         lines = [f"predicted {self.utterances} utterances in {self.seconds:.1f} s ({self.utterances_per_second:.0f}/s, "
-                 f"{self.backend}) -> {self.output}"]
+                 f"{self.runner}) -> {self.output}"]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} malformed lines:")
             lines += [f"  {problem}" for problem in self.skipped[:20]]
@@ -121,13 +121,13 @@ def read_utterances(path: Path, on_error: str = "fail") -> tuple[list[dict], lis
 class ParseBatch:
     """Ray Data's model actor: one ``Parser`` per actor, a batch of utterances per call."""
 
-    def __init__(self, model_dir: str, quantize: str | None, top_k: int, threads: int):
+    def __init__(self, model_dir: str, quantize: str | None, top_k: int, threads: int, backend: str):
         import torch
 
         from atm_ray.nlu.model import Parser
 
         torch.set_num_threads(threads)
-        self.parser = Parser(model_dir, quantize=quantize, top_k=top_k)
+        self.parser = Parser(model_dir, quantize=quantize, top_k=top_k, backend=backend)
 
     def __call__(self, batch: dict) -> dict:
         results = self.parser.parse([str(text) for text in batch["text"]])
@@ -135,12 +135,12 @@ class ParseBatch:
         return {"line": batch["line"], "text": batch["text"], "answer": [json.dumps(result) for result in results]}
 
 
-def _parse_here(rows: list[dict], model_dir: Path, quantize: str | None, top_k: int, batch_size: int) -> list[dict]:
+def _parse_here(rows: list[dict], model_dir: Path, quantize: str | None, top_k: int, batch_size: int, backend: str) -> list[dict]:
     from tqdm import tqdm
 
     from atm_ray.nlu.model import Parser
 
-    parser = Parser(model_dir, quantize=quantize, top_k=top_k)
+    parser = Parser(model_dir, quantize=quantize, top_k=top_k, backend=backend)
     answers = []
     with tqdm(total=len(rows), desc="predict", unit="utt", disable=None) as progress:
         for start in range(0, len(rows), batch_size):
@@ -150,7 +150,7 @@ def _parse_here(rows: list[dict], model_dir: Path, quantize: str | None, top_k: 
     return [{**row, **answer} for row, answer in zip(rows, answers)]
 
 
-def _parse_with_ray(rows: list[dict], model_dir: Path, quantize: str | None, top_k: int, batch_size: int,
+def _parse_with_ray(rows: list[dict], model_dir: Path, quantize: str | None, top_k: int, batch_size: int, backend: str,
                     actors: int, threads: int, address: str | None) -> list[dict]:
     import ray.data
 
@@ -163,7 +163,8 @@ def _parse_with_ray(rows: list[dict], model_dir: Path, quantize: str | None, top
     blocks = max(2 * actors, min(64, len(rows) // 2000))
     dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         ParseBatch,
-        fn_constructor_kwargs={"model_dir": str(model_dir.resolve()), "quantize": quantize, "top_k": top_k, "threads": threads},
+        fn_constructor_kwargs={"model_dir": str(model_dir.resolve()), "quantize": quantize, "top_k": top_k, "threads": threads,
+                               "backend": backend},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -193,6 +194,7 @@ def predict_file(
     use_ray: bool | None = None,
     on_error: str = "fail",
     quantize: str | None = "int8",
+    backend: str = "onnxruntime",
     top_k: int = 3,
     batch_size: int = 64,
     actors: int = 2,
@@ -214,10 +216,10 @@ def predict_file(
     if not rows:
         predicted = []
     elif use_ray:
-        predicted = _parse_with_ray(rows, model_dir, quantize, top_k, batch_size, actors, threads_per_actor, address)
+        predicted = _parse_with_ray(rows, model_dir, quantize, top_k, batch_size, backend, actors, threads_per_actor, address)
     else:
-        predicted = _parse_here(rows, model_dir, quantize, top_k, batch_size)
+        predicted = _parse_here(rows, model_dir, quantize, top_k, batch_size, backend)
     seconds = time.perf_counter() - started
     write_predictions(predicted, output)
-    backend = f"Ray Data, {actors} actors x {threads_per_actor} threads" if use_ray else "this process"
-    return PredictSummary(output, len(predicted), seconds, backend, skipped)
+    runner = f"Ray Data, {actors} actors x {threads_per_actor} threads" if use_ray else "this process"
+    return PredictSummary(output, len(predicted), seconds, runner, skipped)

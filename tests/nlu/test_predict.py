@@ -56,7 +56,7 @@ def test_answers_are_the_parsers_with_their_input_lines(nlu_models, tmp_path, su
         rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     else:
         rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
-    expected = Parser(nlu_models["A"], quantize="int8").parse(UTTERANCES)
+    expected = Parser(nlu_models["A"], quantize="int8", backend="onnxruntime").parse(UTTERANCES)  # predict's defaults
     assert [row["line"] for row in rows] == [1, 2, 4, 5] and [row["text"] for row in rows] == UTTERANCES
     for row, wanted in zip(rows, expected):
         assert row["intent"]["name"] == wanted["intent"]["name"] and row["fallback"] == wanted["fallback"]
@@ -82,7 +82,7 @@ def test_ray_data_actor_pool_gives_the_same_answers(nlu_models, tmp_path, local_
     # fp32: int8's dynamic quantisation scales activations per batch, so answers depend on batch-mates
     here = predict_file(nlu_models["A"], source, tmp_path / "here.jsonl", use_ray=False, quantize=None)
     with_ray = predict_file(nlu_models["A"], source, tmp_path / "ray.jsonl", use_ray=True, actors=2, batch_size=32, quantize=None)
-    assert here.utterances == with_ray.utterances == 300 and with_ray.backend.startswith("Ray Data")
+    assert here.utterances == with_ray.utterances == 300 and with_ray.runner.startswith("Ray Data")
     here_rows = [json.loads(line) for line in (tmp_path / "here.jsonl").read_text().splitlines()]
     ray_rows = [json.loads(line) for line in (tmp_path / "ray.jsonl").read_text().splitlines()]
     assert [row["line"] for row in ray_rows] == list(range(1, 301))
