@@ -29,6 +29,7 @@ from serve_latency import build_model, percentiles  # noqa: E402
 
 from atm_ray.data.files import resolve  # noqa: E402
 from atm_ray.data.readers import read_nlu  # noqa: E402
+from atm_ray.nlu.metrics import nlu_scores  # noqa: E402
 from atm_ray.nlu.model import RobertaPreLayerNormForIntentAndSlots, encode_words, quantize_int8  # noqa: E402
 from atm_ray.nlu.onnx_backend import OnnxJointModel, _Logits  # noqa: E402
 
@@ -106,16 +107,17 @@ def speed(run, single: list[dict], batches: list[dict], rounds: int) -> dict:
 
 def agreement(run, reference, single: list[dict], records: list[dict], config: dict) -> dict:
     """Share of utterances whose intent and every word's slot tag equal the reference backend's, and each
-    backend's exact match against the gold labels (words cut off by the length count as ``O``)."""
-    same = exact = 0
+    backend's exact match against the gold labels, as fine-tuning scores it (words cut off by the length
+    count as ``O``)."""
+    same, predictions = 0, []
     for (inputs, positions), record in zip(single, records):
         (intent, slots), (ref_intent, ref_slots) = run(inputs), reference(inputs)
         words = [position for position in positions[0] if position >= 0]
         tags = slots[0, words, 1:].argmax(-1)
         same += int(intent[0, 1:].argmax() == ref_intent[0, 1:].argmax() and (tags == ref_slots[0, words, 1:].argmax(-1)).all())
-        predicted = [config["slot_labels"][1 + tag] for tag in tags] + ["O"] * (len(record["slot_tags"]) - len(words))
-        exact += int(config["intent_labels"][1 + intent[0, 1:].argmax()] == record["intent"] and predicted == record["slot_tags"])
-    return {"same_parse_as_fp32": same / len(single), "exact_match": exact / len(single)}
+        predictions.append({"intent": config["intent_labels"][1 + intent[0, 1:].argmax()],
+                            "slot_tags": [config["slot_labels"][1 + tag] for tag in tags] + ["O"] * (len(record["slot_tags"]) - len(words))})
+    return {"same_parse_as_fp32": same / len(single), "exact_match": nlu_scores(records, predictions)["exact_match"]}
 
 
 def main() -> None:
