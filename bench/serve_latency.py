@@ -146,7 +146,7 @@ def free_port() -> int:
 
 
 def serve_app(url: str, model: Path, seconds: int, arms: int = 1, replicas: int = 1, threads: int = 1, quantize: str | None = None,
-              backend: str = "onnxruntime") -> dict:
+              backend: str = "onnxruntime", **settings) -> dict:
     from ray import serve
 
     from atm_ray.serve.app import build_app
@@ -155,7 +155,7 @@ def serve_app(url: str, model: Path, seconds: int, arms: int = 1, replicas: int 
     if arms == 2:
         arm_list.append({"name": "B", "model_dir": str(model), "weight": 10})
     serve.run(build_app({"arms": arm_list, "num_replicas": replicas, "torch_threads": threads, "num_cpus": threads * 0.5,
-                         "quantize": quantize, "backend": backend}), name="bench", route_prefix="/")
+                         "quantize": quantize, "backend": backend, **settings}), name="bench", route_prefix="/")
     try:
         for text in TEXTS * 5:  # warm every replica
             requests.post(f"{url}/v1/parse", json={"text": text}, timeout=30).raise_for_status()
