@@ -21,6 +21,8 @@ import torch
 
 from atm_ray.config import AtmRayError
 
+logger = logging.getLogger(__name__)
+
 INPUTS = ("input_ids", "attention_mask")
 OUTPUTS = ("intent_logits", "slot_logits")
 
@@ -66,10 +68,15 @@ def model_key(model_dir: Path, quantize: str | None) -> str:
 def export_onnx(model: torch.nn.Module, model_dir: Path, quantize: str | None) -> Path:
     """The ONNX file of ``model`` (loaded from ``model_dir``), from the cache or exported now (~2 s for 17M)."""
     suffix = ".int8.onnx" if quantize == "int8" else ".onnx"
-    target = cache_dir() / f"{model_key(model_dir, quantize)}{suffix}"
+    name = f"{model_key(model_dir, quantize)}{suffix}"
+    target = cache_dir() / name
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a read-only home (some containers): this process's own temporary folder
+        target = Path(tempfile.mkdtemp(prefix="atm-ray-onnx-")) / name
+        logger.warning("cannot write the ONNX cache %s (%s); exporting to %s (set ATM_RAY_CACHE to keep it)", cache_dir(), error, target.parent)
     # export into a private folder and rename: replicas starting together never read a half-written file
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         fp32 = Path(scratch) / "model.onnx"

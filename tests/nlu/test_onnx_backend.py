@@ -50,6 +50,15 @@ def test_int8_keeps_accuracy_and_each_model_is_exported_once(nlu_models):
     assert other.model.path != path and other.parse(["play some jazz"])[0]["intent"]["name"] in other.intents
 
 
+def test_a_cache_that_cannot_be_written_falls_back_to_a_temporary_folder(nlu_models, monkeypatch, tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("ATM_RAY_CACHE", str(blocked))  # mkdir under a file fails, as under a read-only home
+    parser = Parser(nlu_models["A"], backend="onnxruntime")
+    assert parser.model.path.is_file() and not parser.model.path.is_relative_to(blocked)
+    assert "cannot write the ONNX cache" in caplog.text and parser.parse(["play some jazz"])[0]["intent"]["name"] in parser.intents
+
+
 def test_a_missing_onnxruntime_or_a_gpu_names_the_way_out(nlu_models, monkeypatch):
     with pytest.raises(AtmRayError, match="cuda.*use backend 'torch'"):
         Parser(nlu_models["A"], device="cuda", backend="onnxruntime")
