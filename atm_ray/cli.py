@@ -24,10 +24,10 @@ from atm_ray.config import INFERENCE_BACKENDS, AtmRayError, load_config
 from atm_ray.train.stage_table import DISTILL_STAGES, PRETRAIN_STAGES
 from atm_ray.utils import RunFolderBusy, console_logging, run_folder_lock
 
-# commands that write into a run folder: one at a time per folder
 # bench/cpu_backends.py: ONNX Runtime int8 ran the 17M student's batch-1 forward in 0.4-0.7x torch int8's time
 BACKEND_HELP = ("onnxruntime (default: exported once per model and cached, the fastest on CPUs) or torch "
                 "(eager; the one for a GPU)")
+# commands that write into a run folder: one at a time per folder
 WRITES_RUN_FOLDER = ("prepare", "pretrain", "distill", "finetune", "pipeline", "sweep")
 
 

@@ -58,7 +58,7 @@ def model_key(model_dir: Path, quantize: str | None) -> str:
     """What the exported graph depends on: config, weights, quantisation and the exporting versions."""
     onnxruntime = _onnxruntime()
     digest = hashlib.sha256(f"{torch.__version__} {onnxruntime.__version__} {quantize}".encode())
-    for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
+    for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors")), *sorted(model_dir.glob("*.bin"))]:
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
@@ -98,11 +98,12 @@ def export_onnx(model: torch.nn.Module, model_dir: Path, quantize: str | None) -
 
             result = Path(scratch) / "model.int8.onnx"
             quiet = logging.getLogger()  # quantize_dynamic logs a pre-processing hint on the root logger
-            level, quiet.level = quiet.level, logging.ERROR
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
             try:
                 quantize_dynamic(str(fp32), str(result), weight_type=QuantType.QInt8)
             finally:
-                quiet.level = level
+                quiet.setLevel(level)
         os.replace(result, target)
     return target
 
