@@ -62,6 +62,15 @@ def settings_hash(sections: dict) -> str:
     return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (model weights can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def is_encodable(text: str) -> bool:
     """Whether ``text`` is real Unicode: JSON can carry lone surrogates (``"\\ud800"``), which no tokenizer
     can encode."""

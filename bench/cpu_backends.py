@@ -31,11 +31,11 @@ from atm_ray.data.files import resolve  # noqa: E402
 from atm_ray.data.readers import read_nlu  # noqa: E402
 from atm_ray.nlu.metrics import nlu_scores  # noqa: E402
 from atm_ray.nlu.model import RobertaPreLayerNormForIntentAndSlots, encode_words, quantize_int8  # noqa: E402
-from atm_ray.nlu.onnx_backend import OnnxJointModel, _Logits  # noqa: E402
+from atm_ray.nlu.onnx_backend import Logits, OnnxJointModel  # noqa: E402
 
 
 def torch_backend(model, compiled: bool):
-    wrapped = _Logits(model).eval()
+    wrapped = Logits(model).eval()
     if compiled:
         wrapped = torch.compile(wrapped, dynamic=True)
 

@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests  # noqa: E402
 
+from atm_ray.config import INFERENCE_BACKENDS  # noqa: E402
+
 TEXTS = ["add this song to my workout playlist", "play some jazz by miles davis on spotify",
          "what will the weather be in paris tomorrow", "book a table for two at seven pm",
          "rate this book four out of six", "find the movie schedule for tonight"]
@@ -146,7 +148,7 @@ def free_port() -> int:
 
 
 def serve_app(url: str, model: Path, seconds: int, arms: int = 1, replicas: int = 1, threads: int = 1, quantize: str | None = None,
-              backend: str = "onnxruntime", **settings) -> dict:
+              backend: str = "onnxruntime") -> dict:
     from ray import serve
 
     from atm_ray.serve.app import build_app
@@ -155,7 +157,7 @@ def serve_app(url: str, model: Path, seconds: int, arms: int = 1, replicas: int 
     if arms == 2:
         arm_list.append({"name": "B", "model_dir": str(model), "weight": 10})
     serve.run(build_app({"arms": arm_list, "num_replicas": replicas, "torch_threads": threads, "num_cpus": threads * 0.5,
-                         "quantize": quantize, "backend": backend, **settings}), name="bench", route_prefix="/")
+                         "quantize": quantize, "backend": backend}), name="bench", route_prefix="/")
     try:
         for text in TEXTS * 5:  # warm every replica
             requests.post(f"{url}/v1/parse", json={"text": text}, timeout=30).raise_for_status()
@@ -192,7 +194,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=300, help="in-process calls per measurement")
     parser.add_argument("--seconds", type=int, default=10, help="per wrk run")
     parser.add_argument("--quantize", choices=("int8", "none"), default="int8", help="the quantisation measured through Serve")
-    parser.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime", help="the backend measured through Serve")
+    parser.add_argument("--backend", choices=INFERENCE_BACKENDS, default="onnxruntime", help="the backend measured through Serve")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--in-process-only", action="store_true", help="only the in-process measurements (no Ray)")
     args = parser.parse_args()

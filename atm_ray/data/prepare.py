@@ -10,7 +10,6 @@ Output, under ``<run_dir>/prepare``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -30,15 +29,14 @@ from atm_ray.data.readers import read_nlu, read_text_source, to_spoken_form
 from atm_ray.data.masking import most_frequent_token, pack_batch, tokenize_batch
 from atm_ray.data.tokenizer import SpecialTokens, load_tokenizer, tokenizer_statistics, train_tokenizer
 from atm_ray.data.teacher_folder import TOKENIZER_FILES, check_teacher_folder, load_teacher_tokenizer
-from atm_ray.utils import atomic_write_json, read_json, settings_hash
+from atm_ray.utils import atomic_write_json, file_sha256, read_json, settings_hash
 
 # besides TOKENIZER_FILES, what save_pretrained may write for a tokenizer (hashed when present)
 EXTRA_TOKENIZER_FILES = ("special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spm.model")
 
 
 def files_hash(folder: Path, names: tuple[str, ...]) -> str:
-    return settings_hash({name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
-                          for name in names if (folder / name).is_file()})
+    return settings_hash({name: file_sha256(folder / name) for name in names if (folder / name).is_file()})
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ versions, so replicas and restarts reuse it and a new model is never served with
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from atm_ray.config import AtmRayError
+from atm_ray.utils import file_sha256, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ INPUTS = ("input_ids", "attention_mask")
 OUTPUTS = ("intent_logits", "slot_logits")
 
 
-class _Logits(torch.nn.Module):
+class Logits(torch.nn.Module):
     """The joint model with plain tensor outputs (what the exporter traces)."""
 
     def __init__(self, model: torch.nn.Module):
@@ -57,12 +57,9 @@ def _onnxruntime():
 def model_key(model_dir: Path, quantize: str | None) -> str:
     """What the exported graph depends on: config, weights, quantisation and the exporting versions."""
     onnxruntime = _onnxruntime()
-    digest = hashlib.sha256(f"{torch.__version__} {onnxruntime.__version__} {quantize}".encode())
-    for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors")), *sorted(model_dir.glob("*.bin"))]:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    paths = [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors")), *sorted(model_dir.glob("*.bin"))]
+    return settings_hash({"versions": [torch.__version__, onnxruntime.__version__], "quantize": quantize,
+                          "files": {path.name: file_sha256(path) for path in paths}})
 
 
 def export_onnx(model: torch.nn.Module, model_dir: Path, quantize: str | None) -> Path:
@@ -88,7 +85,7 @@ def export_onnx(model: torch.nn.Module, model_dir: Path, quantize: str | None) -
             # warnings (deprecation, trace-time constants) do not apply to this fixed-control-flow model.
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _Logits(model).eval(), example, str(fp32), input_names=list(INPUTS), output_names=list(OUTPUTS), dynamo=False,
+                Logits(model).eval(), example, str(fp32), input_names=list(INPUTS), output_names=list(OUTPUTS), dynamo=False,
                 dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
                               "intent_logits": {0: "batch"}, "slot_logits": {0: "batch", 1: "length"}},
             )

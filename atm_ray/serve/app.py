@@ -21,7 +21,6 @@ The routes live in ``api_factory`` (handed to ``serve.ingress``; they reach the 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -60,7 +59,7 @@ from atm_ray.serve.api import (
     request_body,
     validate,
 )
-from atm_ray.utils import atomic_write_text
+from atm_ray.utils import atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -246,11 +245,7 @@ def api_factory() -> FastAPI:
 def model_version(model_dir: str | Path) -> str:
     """The folder name and the first 12 hex digits of the weights' SHA-256."""
     model_dir = Path(model_dir)
-    digest = hashlib.sha256()
-    with open(model_dir / "model.safetensors", "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"{model_dir.parent.name or model_dir.name}@{digest.hexdigest()[:12]}"
+    return f"{model_dir.parent.name or model_dir.name}@{file_sha256(model_dir / 'model.safetensors')[:12]}"
 
 
 def frame(result: dict) -> tuple:
