@@ -2,6 +2,7 @@
 Ctrl-C ends it with the command that resumes it; run again, it resumes."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,10 @@ def test_ctrl_c_prints_the_resume_command_and_the_console_stays_quiet(tmp_path):
     output = resumed.stdout + resumed.stderr
     log_file = run_dir / "logs" / "teacher_stage1.log"
     assert f"its workers' logs: {log_file}" in output and log_file.stat().st_size > 0
-    assert "[teacher_stage1] resumed from the checkpoint of step 20" in output
+    # SIGINT came after the step-20 checkpoint; on a loaded machine the workers may also save step 40
+    # before they stop. Either way the run resumes from a checkpoint, never from the start.
+    resumed_from = re.search(r"\[teacher_stage1\] resumed from the checkpoint of step (\d+)", output)
+    assert resumed_from and int(resumed_from[1]) in (20, 40), output
     assert "teacher_stage1 finished (step 60)" in output
     # the workers' DeepSpeed and Ray lines are in the log file, not here; nothing repeats
     assert "Checkpoint successfully created" not in output and "Checkpoint successfully created" in log_file.read_text()
