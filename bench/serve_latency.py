@@ -76,14 +76,14 @@ def in_process(model: Path, count: int, quantize: str | None, backend: str = "to
     """The raw forward and the Parser at batch 1, and the Parser's batched ceiling (batches of 16)."""
     import torch
 
-    from atm_ray.nlu.model import Parser, encode_words
+    from atm_ray.nlu.model import Parser
 
     torch.set_num_threads(threads)
     parser = Parser(model, quantize=quantize, backend=backend)
-    words = [text.split() for text in TEXTS]
-    config = parser.model.config
-    inputs = [encode_words(parser.tokenizer, [word_list], config.max_position_embeddings - 2, config.lowercase)[0] for word_list in words]
-    tensors = [{name: torch.from_numpy(array) for name, array in encoded.items()} for encoded in inputs]
+    inputs = [parser.encoder([text.split()])[0] for text in TEXTS]
+    # what the backend takes (ONNX Runtime: NumPy arrays; torch: tensors)
+    tensors = [encoded if getattr(parser.model, "takes_numpy", False) else {name: torch.from_numpy(array) for name, array in encoded.items()}
+               for encoded in inputs]
 
     def forward(index):
         with torch.inference_mode():

@@ -146,30 +146,63 @@ def build_joint_model(
         hf_logging.set_verbosity(verbosity)
 
 
+class WordEncoder:
+    """Word lists -> padded ``input_ids`` / ``attention_mask`` and, per utterance, the position of each
+    word's first sub-word (-1 for words cut off by ``max_seq_len``).
+
+    It calls the tokenizer's Rust backend (``tokenizers``) directly, on a copy set to truncate at
+    ``max_seq_len``: at batch 1 the transformers wrapper around it (argument checks, truncation reset on
+    every call, special-token look-ups) cost as much as the encoding itself. The ids are the wrapper's
+    (``tests/nlu/test_predict.py`` compares them); a tokenizer without a Rust backend goes through the wrapper.
+    """
+
+    def __init__(self, tokenizer, max_seq_len: int, lowercase: bool = False):
+        from tokenizers import Tokenizer
+
+        self.tokenizer, self.max_seq_len, self.lowercase = tokenizer, max_seq_len, lowercase
+        self.pad_id = tokenizer.pad_token_id
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = None
+        if backend is not None:
+            self.backend = Tokenizer.from_str(backend.to_str())  # a copy: truncation is the tokenizer's state
+            self.backend.enable_truncation(max_seq_len)
+            self.backend.no_padding()
+
+    def __call__(self, word_lists: list[list[str]]) -> tuple[dict[str, np.ndarray], list[list[int]]]:
+        if self.lowercase:
+            word_lists = [[word.lower() for word in words] for words in word_lists]
+        if self.backend is not None:
+            if len(word_lists) == 1:  # a third faster than encode_batch for one: a serving replica's usual batch
+                encodings = [self.backend.encode(word_lists[0], is_pretokenized=True)]
+            else:
+                encodings = self.backend.encode_batch(word_lists, is_pretokenized=True)
+            ids_lists, word_ids = [encoding.ids for encoding in encodings], [encoding.word_ids for encoding in encodings]
+        else:
+            encoded = self.tokenizer(word_lists, is_split_into_words=True, truncation=True, max_length=self.max_seq_len)
+            ids_lists, word_ids = encoded["input_ids"], [encoded.word_ids(row) for row in range(len(word_lists))]
+        length = max(len(ids) for ids in ids_lists)
+        input_ids = np.full((len(word_lists), length), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(word_lists), length), dtype=np.int64)
+        first_positions = []
+        for row, ids in enumerate(ids_lists):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+            positions = [-1] * len(word_lists[row])
+            for position, word in enumerate(word_ids[row]):
+                if word is not None and positions[word] < 0:
+                    positions[word] = position
+            first_positions.append(positions)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}, first_positions
+
+
 def encode_words(
     tokenizer,
     word_lists: list[list[str]],
     max_seq_len: int,
     lowercase: bool = False,
 ) -> tuple[dict[str, np.ndarray], list[list[int]]]:
-    """Padded ``input_ids`` / ``attention_mask`` and, per utterance, the position of each word's first
-    sub-word (-1 for words cut off by ``max_seq_len``)."""
-    if lowercase:
-        word_lists = [[word.lower() for word in words] for words in word_lists]
-    encoded = tokenizer(word_lists, is_split_into_words=True, truncation=True, max_length=max_seq_len)
-    length = max(len(ids) for ids in encoded["input_ids"])
-    input_ids = np.full((len(word_lists), length), tokenizer.pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros((len(word_lists), length), dtype=np.int64)
-    first_positions = []
-    for row, ids in enumerate(encoded["input_ids"]):
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        positions = [-1] * len(word_lists[row])
-        for position, word in enumerate(encoded.word_ids(row)):
-            if word is not None and positions[word] < 0:
-                positions[word] = position
-        first_positions.append(positions)
-    return {"input_ids": input_ids, "attention_mask": attention_mask}, first_positions
+    """``WordEncoder(tokenizer, max_seq_len, lowercase)(word_lists)``, for a single call."""
+    return WordEncoder(tokenizer, max_seq_len, lowercase)(word_lists)
 
 
 def encode_records(tokenizer, records: list[dict], intent_labels: list[str], slot_labels: list[str], max_seq_len: int, lowercase: bool) -> dict[str, np.ndarray]:
@@ -194,31 +227,49 @@ def all_lowercase(records: list[dict]) -> bool:
     return all(word == word.lower() for record in records for word in record["tokens"])
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)
+
+
+def as_numpy(logits) -> np.ndarray:
+    return logits if isinstance(logits, np.ndarray) else logits.float().cpu().numpy()
+
+
 @torch.inference_mode()
-def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int = 64, top_k: int = 1) -> list[dict]:
+def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int = 64, top_k: int = 1,
+                  encoder: WordEncoder | None = None) -> list[dict]:
     """Per word list: the intent and its probability, the ``top_k`` most probable intents, and a BIO tag
-    per word with its probability (words past the model's length get ``O`` with probability 1)."""
+    per word with its probability (words past the model's length get ``O`` with probability 1).
+    ``encoder``: a ``WordEncoder`` made once for this model (``Parser`` keeps one); else one per call."""
     config = model.config
-    device = model.device
-    max_seq_len = config.max_position_embeddings - config.pad_token_id - 1  # RoBERTa's positions start after padding
     # read once: each attribute read of a transformers config costs microseconds, and a parse reads labels per word
-    intent_labels, slot_labels, lowercase = config.intent_labels, config.slot_labels, config.lowercase
+    intent_labels, slot_labels = config.intent_labels, config.slot_labels
+    if encoder is None:
+        # RoBERTa's positions start after the padding id
+        encoder = WordEncoder(tokenizer, config.max_position_embeddings - config.pad_token_id - 1, config.lowercase)
     top_k = max(1, min(top_k, len(intent_labels) - 1))
+    # the ONNX Runtime backend takes and gives NumPy arrays; the post-processing below is NumPy too, as
+    # a dozen torch calls on batch-1 tensors cost more than the arithmetic
+    takes_numpy = getattr(model, "takes_numpy", False)
+    device = None if takes_numpy else model.device
     predictions = []
     if model.training:  # eval() walks every module: ~2 ms a call for the 17M student, more than the parse's other work
         model.eval()
     for start in range(0, len(word_lists), batch_size):
         chunk = word_lists[start : start + batch_size]
-        inputs, first_positions = encode_words(tokenizer, chunk, max_seq_len, lowercase)
-        output = model(**{name: torch.from_numpy(array).to(device) for name, array in inputs.items()})
-        intent_logits = output.intent_logits.float()
-        intent_logits[:, 0] = -torch.inf  # never answer "unknown": it has no training examples
-        slot_logits = output.slot_logits.float()
-        slot_logits[:, :, 0] = -torch.inf
-        top_probabilities, top_intents = intent_logits.softmax(-1).topk(top_k, dim=-1)
-        tag_probabilities, slot_ids = slot_logits.softmax(-1).max(-1)
-        top_probabilities, top_intents = top_probabilities.tolist(), top_intents.tolist()
-        slot_ids, tag_probabilities = slot_ids.cpu().numpy(), tag_probabilities.cpu().numpy()
+        inputs, first_positions = encoder(chunk)
+        output = model(**(inputs if takes_numpy else {name: torch.from_numpy(array).to(device) for name, array in inputs.items()}))
+        intent_logits, slot_logits = as_numpy(output.intent_logits), as_numpy(output.slot_logits)
+        intent_logits[:, 0] = -np.inf  # never answer "unknown": it has no training examples
+        slot_logits[:, :, 0] = -np.inf
+        intent_probabilities = softmax(intent_logits)
+        top_intents = np.argsort(-intent_probabilities, axis=-1, kind="stable")[:, :top_k]
+        top_probabilities = np.take_along_axis(intent_probabilities, top_intents, axis=-1).tolist()
+        slot_probabilities = softmax(slot_logits)
+        slot_ids = slot_probabilities.argmax(-1)
+        tag_probabilities = np.take_along_axis(slot_probabilities, slot_ids[..., None], axis=-1)[..., 0]
+        top_intents = top_intents.tolist()
         for row, positions in enumerate(first_positions):
             ranking = [(intent_labels[index], probability) for index, probability in zip(top_intents[row], top_probabilities[row])]
             predictions.append({
@@ -291,6 +342,8 @@ class Parser:
         elif quantize == "int8":
             self.model = quantize_int8(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        config = self.model.config
+        self.encoder = WordEncoder(self.tokenizer, config.max_position_embeddings - config.pad_token_id - 1, config.lowercase)
         self.model_dir = model_dir
         self.batch_size = batch_size
         self.top_k = top_k
@@ -301,7 +354,7 @@ class Parser:
         return list(self.model.config.intent_labels[1:])
 
     def predict(self, word_lists: list[list[str]]) -> list[dict]:
-        return predict_words(self.model, self.tokenizer, word_lists, self.batch_size, self.top_k)
+        return predict_words(self.model, self.tokenizer, word_lists, self.batch_size, self.top_k, self.encoder)
 
     def parse(self, texts: list[str]) -> list[dict]:
         spans = [[match.span() for match in WORD.finditer(text)] for text in texts]

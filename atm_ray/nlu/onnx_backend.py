@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from atm_ray.config import AtmRayError
@@ -107,10 +108,10 @@ def export_onnx(model: torch.nn.Module, model_dir: Path, quantize: str | None) -
 
 class OnnxJointModel:
     """Called like the torch joint model by ``predict_words``: ``model(input_ids=, attention_mask=)`` gives
-    ``intent_logits`` and ``slot_logits`` (CPU tensors)."""
+    ``intent_logits`` and ``slot_logits``, as NumPy arrays in and out (``takes_numpy``)."""
 
     training = False
-    device = torch.device("cpu")
+    takes_numpy = True
 
     def __init__(self, model: torch.nn.Module, model_dir: Path, quantize: str | None):
         onnxruntime = _onnxruntime()
@@ -123,6 +124,6 @@ class OnnxJointModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
-        intent, slots = self.session.run(list(OUTPUTS), {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})
-        return SimpleNamespace(intent_logits=torch.from_numpy(intent), slot_logits=torch.from_numpy(slots))
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> SimpleNamespace:
+        intent, slots = self.session.run(list(OUTPUTS), {"input_ids": np.asarray(input_ids), "attention_mask": np.asarray(attention_mask)})
+        return SimpleNamespace(intent_logits=intent, slot_logits=slots)
