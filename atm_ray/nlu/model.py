@@ -153,7 +153,7 @@ class WordEncoder:
     It calls the tokenizer's Rust backend (``tokenizers``) directly, on a copy set to truncate at
     ``max_seq_len``: at batch 1 the transformers wrapper around it (argument checks, truncation reset on
     every call, special-token look-ups) cost as much as the encoding itself. The ids are the wrapper's
-    (``tests/nlu/test_predict.py`` compares them); a tokenizer without a Rust backend goes through the wrapper.
+    (``tests/data/test_tokenizer.py`` compares them); a tokenizer without a Rust backend goes through the wrapper.
     """
 
     def __init__(self, tokenizer, max_seq_len: int, lowercase: bool = False):
@@ -167,6 +167,12 @@ class WordEncoder:
             self.backend = Tokenizer.from_str(backend.to_str())  # a copy: truncation is the tokenizer's state
             self.backend.enable_truncation(max_seq_len)
             self.backend.no_padding()
+
+    @classmethod
+    def for_model(cls, tokenizer, config) -> "WordEncoder":
+        """The encoder for a joint model's config (its length, its lower-casing)."""
+        # RoBERTa's positions start after the padding id
+        return cls(tokenizer, config.max_position_embeddings - config.pad_token_id - 1, config.lowercase)
 
     def __call__(self, word_lists: list[list[str]]) -> tuple[dict[str, np.ndarray], list[list[int]]]:
         if self.lowercase:
@@ -245,9 +251,7 @@ def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int
     config = model.config
     # read once: each attribute read of a transformers config costs microseconds, and a parse reads labels per word
     intent_labels, slot_labels = config.intent_labels, config.slot_labels
-    if encoder is None:
-        # RoBERTa's positions start after the padding id
-        encoder = WordEncoder(tokenizer, config.max_position_embeddings - config.pad_token_id - 1, config.lowercase)
+    encoder = encoder or WordEncoder.for_model(tokenizer, config)
     top_k = max(1, min(top_k, len(intent_labels) - 1))
     # the ONNX Runtime backend takes and gives NumPy arrays; the post-processing below is NumPy too, as
     # a dozen torch calls on batch-1 tensors cost more than the arithmetic
@@ -342,8 +346,7 @@ class Parser:
         elif quantize == "int8":
             self.model = quantize_int8(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        config = self.model.config
-        self.encoder = WordEncoder(self.tokenizer, config.max_position_embeddings - config.pad_token_id - 1, config.lowercase)
+        self.encoder = WordEncoder.for_model(self.tokenizer, self.model.config)
         self.model_dir = model_dir
         self.batch_size = batch_size
         self.top_k = top_k
