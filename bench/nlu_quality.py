@@ -45,6 +45,7 @@ from atm_ray.train.stage_table import (  # noqa: E402
     FINAL_DISTILL, INTERMEDIATE_CONTINUE, MASKED_LM_STAGES, STAGES, TEACHER_STAGE1, TEACHER_STAGE2,
 )
 from atm_ray.train.stages import run_stages  # noqa: E402
+from atm_ray.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 DATASETS = {
     "snips": ("jointbert", "nlu/snips", "bundled:nlu/snips"),
@@ -175,12 +176,20 @@ def main() -> None:
         title = f"{dataset} ({located}; {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test; seeds {args.seeds})"
         sections.append(table(dataset, title, rows, parameters, len(args.seeds)))
 
-    report = (f"# NLU quality, preset {config.name}\n\nMean ± standard deviation over fine-tuning seeds, in %. "
+    # the fine-tuning every row had, so that a results file says how to reproduce it
+    finetune = config.finetune
+    setting = {"command": " ".join(["python", *sys.argv]), "overrides": args.overrides,
+               "max_train_records": args.max_train_records,
+               "finetune": {"max_epochs": finetune.max_epochs, "patience": finetune.patience,
+                            "learning_rate": finetune.learning_rate, "batch_size": finetune.batch_size}}
+    report = (f"# NLU quality, preset {config.name}\n\n`{setting['command']}`: fine-tuning {finetune.max_epochs} epochs "
+              f"(patience {finetune.patience}), lr {finetune.learning_rate:g}, batch {finetune.batch_size}.\n\n"
+              "Mean ± standard deviation over fine-tuning seeds, in %. "
               "A gain counts when it exceeds twice the larger standard deviation of the two rows.\n\n"
               + "\n".join(sections) + "\n" + ANCHORS + "\n")
     print(report)
-    (run_dir / "nlu_quality.md").write_text(report)
-    (run_dir / "nlu_quality.json").write_text(json.dumps(results, indent=1))
+    atomic_write_text(run_dir / "nlu_quality.md", report)
+    atomic_write_json(run_dir / "nlu_quality.json", {**results, "setting": setting})
 
 
 if __name__ == "__main__":
