@@ -180,8 +180,7 @@ def main() -> None:
     finetune = config.finetune
     setting = {"command": " ".join(["python", *sys.argv]), "overrides": args.overrides,
                "max_train_records": args.max_train_records,
-               "finetune": {"max_epochs": finetune.max_epochs, "patience": finetune.patience,
-                            "learning_rate": finetune.learning_rate, "batch_size": finetune.batch_size}}
+               "finetune": finetune.model_dump(include={"max_epochs", "patience", "learning_rate", "batch_size"})}
     report = (f"# NLU quality, preset {config.name}\n\n`{setting['command']}`: fine-tuning {finetune.max_epochs} epochs "
               f"(patience {finetune.patience}), lr {finetune.learning_rate:g}, batch {finetune.batch_size}.\n\n"
               "Mean ± standard deviation over fine-tuning seeds, in %. "
