@@ -227,6 +227,9 @@ class FinetuneConfig(Strict):
     max_epochs: int = Field(default=10, gt=0)
     # early stopping: evaluations on dev without a gain in exact match before training stops
     patience: int = Field(default=3, gt=0)
+    # a budget in optimizer steps as well as epochs: a small labelled set (SLURP devel: 52 steps an epoch)
+    # gets as many more epochs as reach it, and a patience raised in proportion; 0: epochs alone
+    min_steps: int = Field(default=0, ge=0)
     batch_size: int = Field(default=32, gt=0)
     learning_rate: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -235,6 +238,11 @@ class FinetuneConfig(Strict):
     head_dropout: float = Field(default=0.1, ge=0, lt=1)
     freeze_encoder: bool = False
     num_workers: int = Field(default=1, gt=0)
+
+    def schedule(self, steps_per_epoch: int) -> tuple[int, int]:
+        """(epochs, patience) for a training set of ``steps_per_epoch`` optimizer steps an epoch."""
+        epochs = max(self.max_epochs, -(-self.min_steps // max(1, steps_per_epoch)))
+        return epochs, -(-self.patience * epochs // self.max_epochs)
 
 
 class SweepParameter(Strict):

@@ -145,7 +145,8 @@ class NluTrainer:
         )
         from transformers import get_linear_schedule_with_warmup
 
-        total = max(1, steps_per_epoch * settings.max_epochs)
+        self.max_epochs, self.patience = settings.schedule(steps_per_epoch)
+        total = max(1, steps_per_epoch * self.max_epochs)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(settings.warmup_fraction * total), total)
         self.epoch = 0
         self.best_exact_match = -1.0
@@ -156,7 +157,7 @@ class NluTrainer:
 
     @property
     def finished(self) -> bool:
-        return self.epoch >= self.settings.max_epochs or self.epochs_without_gain >= self.settings.patience
+        return self.epoch >= self.max_epochs or self.epochs_without_gain >= self.patience
 
     def train_epoch(self, forward: torch.nn.Module, batches, device: torch.device) -> dict[str, float]:
         forward.train()
@@ -315,7 +316,7 @@ def build_nlu_trainer(config: Config, plan: FinetunePlan, steps_per_epoch: int) 
     return NluTrainer(model, settings, steps_per_epoch)
 
 
-def _steps_per_epoch(rows: int, settings: FinetuneConfig) -> int:
+def steps_per_epoch_of(rows: int, settings: FinetuneConfig) -> int:
     per_worker = rows // settings.num_workers
     return max(1, -(-per_worker // settings.batch_size))
 
@@ -348,7 +349,7 @@ def _finetune_train_worker(loop_config: dict, plan: FinetunePlan) -> None:
     torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
     tokenizer = AutoTokenizer.from_pretrained(plan.encoder_dir)
-    trainer = build_nlu_trainer(config, plan, _steps_per_epoch(loop_config["train_rows"], settings))
+    trainer = build_nlu_trainer(config, plan, steps_per_epoch_of(loop_config["train_rows"], settings))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -365,7 +366,7 @@ def _finetune_train_worker(loop_config: dict, plan: FinetunePlan) -> None:
             local_shuffle_seed=config.seed + epoch,
         )
 
-    progress = StageProgress(plan.stage_dir, settings.max_epochs, trainer.epoch, describe_epoch,
+    progress = StageProgress(plan.stage_dir, trainer.max_epochs, trainer.epoch, describe_epoch,
                              config.tracking.tensorboard, unit="epoch") if rank == 0 else None
 
     def report(metrics: dict, trainer: NluTrainer) -> None:
@@ -426,7 +427,7 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
 
     settings = config.finetune
     tokenizer = AutoTokenizer.from_pretrained(plan.encoder_dir)
-    trainer = build_nlu_trainer(config, plan, _steps_per_epoch(len(data.train), settings))
+    trainer = build_nlu_trainer(config, plan, steps_per_epoch_of(len(data.train), settings))
     # a GPU when there is one (under Ray, Ray Train picks the device); the optimiser keeps its parameters,
     # which Module.to moves in place
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -443,7 +444,7 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
             picked = order[start : start + settings.batch_size]
             yield {name: array[picked] for name, array in encoded.items()}
 
-    progress = StageProgress(plan.stage_dir, settings.max_epochs, trainer.epoch, describe_epoch,
+    progress = StageProgress(plan.stage_dir, trainer.max_epochs, trainer.epoch, describe_epoch,
                              config.tracking.tensorboard, unit="epoch", bar=True)
 
     def report(metrics: dict, trainer: NluTrainer) -> None:
@@ -531,6 +532,7 @@ def card_metadata(config: Config, plan: FinetunePlan, test: dict) -> str:
 
 def model_card(config: Config, plan: FinetunePlan, data: NluData, best: dict, test: dict) -> str:
     settings = config.finetune
+    max_epochs, patience = settings.schedule(steps_per_epoch_of(len(data.train), settings))
     sources = "\n".join(f"- {line}" for line in data.reports)
     by_lang = "\n".join(
         f"| {lang} | {scores['count']} | {100 * scores['intent_accuracy']:.2f} | {100 * scores['slot_f1']:.2f} | "
@@ -559,8 +561,8 @@ transformers' `AutoModel.from_pretrained("{plan.name}/export")` after `import at
 ## Training
 {"frozen encoder (heads only)" if settings.freeze_encoder else "full fine-tuning"}; learning rate
 {settings.learning_rate}, batch {settings.batch_size} per worker × {settings.num_workers} workers, slot loss
-weight {settings.slot_loss_weight}, early stopping on dev exact match (patience {settings.patience});
-best epoch {best["epoch"]} of {settings.max_epochs}.
+weight {settings.slot_loss_weight}, early stopping on dev exact match (patience {patience});
+best epoch {best["epoch"]} of {max_epochs}.
 
 ## Metrics
 | split | intent accuracy | slot F1 | exact match |

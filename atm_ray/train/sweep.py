@@ -162,6 +162,7 @@ def downstream_scores(config: Config, export_dir: Path, trial_dir: Path) -> dict
     downstream = config.sweep.downstream
     config = config.model_copy(deep=True)
     config.finetune.max_epochs = downstream.epochs
+    config.finetune.min_steps = 0  # the probe is its few epochs, however few steps they make
     data = load_nlu_data(config.finetune, config.data.root, config.data.strict, config.seed)
     data = NluData(data.train[: downstream.max_train_records], data.dev, data.test, data.reports)
     manifest = run_finetune_stage(config, plan_finetune(config, data, export_dir, "downstream", False, trial_dir), data, use_ray=False)

@@ -118,6 +118,35 @@ def test_export_round_trips_and_the_parser_gives_character_spans(encoder_dir, tm
         parser.parse(["hello", "   "])
 
 
+def test_min_steps_gives_a_small_training_set_more_epochs_and_patience(encoder_dir, tmp_path):
+    """SLURP devel makes 52 steps an epoch against SNIPS's 409: ``min_steps`` gives it the epochs that reach the
+    same budget, and early stopping a patience in proportion; a large set keeps ``max_epochs``."""
+    from transformers import AutoTokenizer
+
+    config = _config(tmp_path, "finetune.max_epochs=2", "finetune.patience=1", "finetune.min_steps=6")
+    assert config.finetune.schedule(steps_per_epoch=1) == (6, 3)
+    assert config.finetune.schedule(steps_per_epoch=4) == (2, 1)  # 8 steps already reach the budget
+    assert config.finetune.model_copy(update={"min_steps": 0}).schedule(1) == (2, 1)
+
+    data = load_nlu_data(config.finetune, config.data.root, True, 0)
+    train = data.train[:48]  # 2 batches of 32 rows: 2 steps an epoch, so 3 epochs reach 6 steps
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
+    intents, slots = label_maps(data.train)
+    encoded = encode_records(tokenizer, train, intents, slots, 48, lowercase=True)
+    trainer = NluTrainer(build_joint_model(encoder_dir, intents, slots), config.finetune, steps_per_epoch=2)
+    assert (trainer.max_epochs, trainer.patience) == (3, 2)
+
+    def batches(epoch):
+        for start in range(0, len(train), 32):
+            yield {name: array[start : start + 32] for name, array in encoded.items()}
+
+    reports = []
+    fit(trainer, trainer.model, batches, data.dev[:50], tokenizer, torch.device("cpu"), lambda metrics, _: reports.append(metrics))
+    # patience 2 cannot stop 3 epochs early; the linear schedule reaches 0 at the budget's last step
+    assert [metrics["epoch"] for metrics in reports] == [1, 2, 3]
+    assert trainer.scheduler.get_last_lr()[0] == 0
+
+
 def test_export_loads_through_transformers_auto_classes(nlu_models):
     """One call, no trust_remote_code, in a fresh interpreter where only `import atm_ray` ran."""
     import subprocess
