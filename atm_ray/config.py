@@ -239,6 +239,10 @@ class FinetuneConfig(Strict):
     freeze_encoder: bool = False
     num_workers: int = Field(default=1, gt=0)
 
+    def steps_per_epoch(self, rows: int) -> int:
+        """Optimizer steps an epoch of ``rows`` training utterances makes on each worker."""
+        return max(1, -(-(rows // self.num_workers) // self.batch_size))
+
     def schedule(self, steps_per_epoch: int) -> tuple[int, int]:
         """(epochs, patience) for a training set of ``steps_per_epoch`` optimizer steps an epoch."""
         epochs = max(self.max_epochs, -(-self.min_steps // max(1, steps_per_epoch)))

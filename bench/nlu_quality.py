@@ -39,7 +39,7 @@ from atm_ray.config import NluSource, load_config  # noqa: E402
 from atm_ray.data import files  # noqa: E402
 from atm_ray.train.engine import EXPORT_DIR  # noqa: E402
 from atm_ray.nlu.evaluate import score_model  # noqa: E402
-from atm_ray.nlu.finetune import load_nlu_data, plan_finetune, run_finetune_stage, split_sources, steps_per_epoch_of  # noqa: E402
+from atm_ray.nlu.finetune import load_nlu_data, plan_finetune, run_finetune_stage, split_sources  # noqa: E402
 from atm_ray.train.modeling import count_parameters  # noqa: E402
 from atm_ray.train.stage_table import (  # noqa: E402
     FINAL_DISTILL, INTERMEDIATE_CONTINUE, MASKED_LM_STAGES, STAGES, TEACHER_STAGE1, TEACHER_STAGE2,
@@ -173,7 +173,7 @@ def main() -> None:
                 print(f"{dataset} seed {seed} {model}: " + ", ".join(f"{metric} {100 * test[metric]:.2f}" for metric in METRICS), flush=True)
         rows = {model: {metric: summarise(values) for metric, values in metrics.items()} for model, metrics in scores.items()}
         results[dataset] = {"rows": rows, "per_seed": scores, "seeds": args.seeds, "data": located}
-        epochs, patience = config.finetune.schedule(steps_per_epoch_of(len(data.train), config.finetune))
+        epochs, patience = config.finetune.schedule(config.finetune.steps_per_epoch(len(data.train)))
         results[dataset]["finetune"] = {"epochs": epochs, "patience": patience}
         title = (f"{dataset} ({located}; {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test; "
                  f"{epochs} epochs, patience {patience}; seeds {args.seeds})")
@@ -185,7 +185,7 @@ def main() -> None:
                "max_train_records": args.max_train_records,
                "finetune": finetune.model_dump(include={"max_epochs", "patience", "min_steps", "learning_rate", "batch_size"})}
     report = (f"# NLU quality, preset {config.name}\n\n`{setting['command']}`: fine-tuning {finetune.max_epochs} epochs "
-              f"(patience {finetune.patience}; at least {finetune.min_steps} steps, see each table), "
+              f"(patience {finetune.patience}{f'; at least {finetune.min_steps} steps, see each table' if finetune.min_steps else ''}), "
               f"lr {finetune.learning_rate:g}, batch {finetune.batch_size}.\n\n"
               "Mean ± standard deviation over fine-tuning seeds, in %. "
               "A gain counts when it exceeds twice the larger standard deviation of the two rows.\n\n"

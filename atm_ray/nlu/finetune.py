@@ -316,11 +316,6 @@ def build_nlu_trainer(config: Config, plan: FinetunePlan, steps_per_epoch: int) 
     return NluTrainer(model, settings, steps_per_epoch)
 
 
-def steps_per_epoch_of(rows: int, settings: FinetuneConfig) -> int:
-    per_worker = rows // settings.num_workers
-    return max(1, -(-per_worker // settings.batch_size))
-
-
 def _save_state(directory: str, trainer: NluTrainer, tokenizer) -> None:
     torch.save(trainer.state(), Path(directory) / STATE_FILE)
     if trainer.finished:
@@ -349,7 +344,7 @@ def _finetune_train_worker(loop_config: dict, plan: FinetunePlan) -> None:
     torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
     tokenizer = AutoTokenizer.from_pretrained(plan.encoder_dir)
-    trainer = build_nlu_trainer(config, plan, steps_per_epoch_of(loop_config["train_rows"], settings))
+    trainer = build_nlu_trainer(config, plan, settings.steps_per_epoch(loop_config["train_rows"]))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -427,7 +422,7 @@ def _fit_here(config: Config, plan: FinetunePlan, data: NluData, encoded: dict[s
 
     settings = config.finetune
     tokenizer = AutoTokenizer.from_pretrained(plan.encoder_dir)
-    trainer = build_nlu_trainer(config, plan, steps_per_epoch_of(len(data.train), settings))
+    trainer = build_nlu_trainer(config, plan, settings.steps_per_epoch(len(data.train)))
     # a GPU when there is one (under Ray, Ray Train picks the device); the optimiser keeps its parameters,
     # which Module.to moves in place
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -532,7 +527,7 @@ def card_metadata(config: Config, plan: FinetunePlan, test: dict) -> str:
 
 def model_card(config: Config, plan: FinetunePlan, data: NluData, best: dict, test: dict) -> str:
     settings = config.finetune
-    max_epochs, patience = settings.schedule(steps_per_epoch_of(len(data.train), settings))
+    max_epochs, patience = settings.schedule(settings.steps_per_epoch(len(data.train)))
     sources = "\n".join(f"- {line}" for line in data.reports)
     by_lang = "\n".join(
         f"| {lang} | {scores['count']} | {100 * scores['intent_accuracy']:.2f} | {100 * scores['slot_f1']:.2f} | "
