@@ -6,8 +6,11 @@ Two deployments, written as Ray's examples write them:
   carry all arms, which saves the hop to a separate model deployment), one ``@serve.batch`` queue per arm.
   Traffic weights are its ``user_config``: a new split reaches running replicas without a restart.
 - ``AbLedger``, one replica holding the A/B statistics; ingress replicas send their records every
-  ``ledger_flush_s``. With ``state_dir`` it writes them there (atomically, ``persist_s`` after a change,
-  and on shutdown) and starts from them, so counts and feedback survive restarts and redeploys.
+  ``ledger_flush_s`` (an empty flush too, once they have parsed: it tells the ledger they are drained).
+  The report and unknown feedback ids wait until every such replica has flushed twice since they asked,
+  so they count every request answered before them, whichever replica answered it. With ``state_dir``
+  the ledger writes its state there (atomically, ``persist_s`` after a change, and on shutdown) and
+  starts from it, so counts and feedback survive restarts and redeploys.
 
     POST /v1/parse        {"text": str, "user_id"?: str, "request_id"?: str}
     POST /v1/parse:batch  {"requests": [{"text": ..., ...}, ...]}
@@ -244,8 +247,8 @@ def api_factory() -> FastAPI:
 
     @app.get("/v1/ab/report", responses=LEDGER_RESPONSES)
     async def report(nlu=service):
-        await nlu.flush()
-        report = await nlu.ask_ledger("report")
+        # no flush of this replica's own: the ledger waits for every replica's next two (settle)
+        report = await nlu.ask_ledger("report", *nlu.settle_args())
         return {"experiment_salt": nlu.settings.salt, "split": nlu.router.shares(), "shadow_arm": nlu.settings.shadow, **report}
 
     @app.get("/v1/models")
@@ -283,7 +286,9 @@ def frame(result: dict) -> tuple:
     return result["intent"]["name"], tuple((slot["name"], slot["start"], slot["end"]) for slot in result["slots"])
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
+# Serve's default of 5 ongoing requests would queue the ingress replicas' flushes behind reports that
+# wait for those flushes; the ledger's methods are cheap coroutines on one loop
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}, logging_config={"enable_access_log": False})
 class AbLedger:
     def __init__(self, arm_names: list[str], state_dir: str | None = None, persist_s: float = 2.0):
         self.path = Path(state_dir) / "ab_ledger.json" if state_dir else None
@@ -291,6 +296,9 @@ class AbLedger:
         self.ledger = self._load(arm_names)
         self.changed = False
         self.saver: asyncio.Task | None = None
+        # ingress replica -> [flushes received, monotonic time of the last one]; `settle` reads it
+        self.flushes: dict[str, list] = {}
+        self.flushed = asyncio.Condition()
 
     def _load(self, arm_names: list[str]) -> Ledger:
         if self.path is None or not self.path.is_file():
@@ -315,17 +323,55 @@ class AbLedger:
             state = self.ledger.state()  # a copy taken on the loop; written from a thread
             await asyncio.to_thread(atomic_write_text, self.path, json.dumps(state))
 
-    async def record(self, entries: list[dict]) -> None:
-        self.ledger.record(entries)
-        self._changed()
+    async def record(self, entries: list[dict], replica: str | None = None) -> None:
+        if entries:
+            self.ledger.record(entries)
+            self._changed()
+        if replica is not None:
+            seen = self.flushes.setdefault(replica, [0, 0.0])
+            seen[0] += 1
+            seen[1] = time.monotonic()
+            async with self.flushed:
+                self.flushed.notify_all()
 
-    async def feedback(self, request_id: str, satisfied: bool) -> str:
+    async def settle(self, timeout_s: float, silent_s: float) -> bool:
+        """Waits until every ingress replica heard from in the last ``silent_s`` has sent two flushes since
+        this call (or gone silent): a replica takes a flush's records only once its previous flush is
+        in, so the second one was taken after this call and holds every request answered before it.
+        False if ``timeout_s`` ran out first."""
+        started = time.monotonic()
+        wanted = {replica: count + 2 for replica, (count, heard) in self.flushes.items() if started - heard < silent_s}
+
+        def settled() -> bool:
+            now = time.monotonic()
+            return all(self.flushes[replica][0] >= count or now - self.flushes[replica][1] >= silent_s
+                       for replica, count in wanted.items())
+
+        deadline = started + timeout_s
+        async with self.flushed:
+            while not settled():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                try:  # woken by every flush; the timeout re-checks a replica that may have gone silent
+                    await asyncio.wait_for(self.flushed.wait(), min(silent_s, remaining))
+                except asyncio.TimeoutError:
+                    pass
+        return True
+
+    async def feedback(self, request_id: str, satisfied: bool, settle_s: float = 0.0, silent_s: float = 1.0) -> str:
         outcome = self.ledger.add_feedback(request_id, satisfied)
+        if outcome == "unknown" and settle_s > 0:
+            # another replica may have answered it and not flushed yet
+            await self.settle(settle_s, silent_s)
+            outcome = self.ledger.add_feedback(request_id, satisfied)
         if outcome == "ok":
             self._changed()
         return outcome
 
-    async def report(self) -> dict:
+    async def report(self, settle_s: float = 0.0, silent_s: float = 1.0) -> dict:
+        if settle_s > 0 and not await self.settle(settle_s, silent_s):
+            logger.warning("the A/B report did not wait for every replica's records (%.1f s)", settle_s)
         return self.ledger.report()
 
     async def save(self) -> bool:
@@ -364,6 +410,8 @@ class NluService:
         self.weights = {arm.name: arm.weight for arm in self.settings.arms if arm.name in self.settings.routed}
         self.router = self._router()
         self.pending: list[dict] = []
+        self.replica_key = uuid.uuid4().hex  # names this replica's flushes to the ledger
+        self.flush_lock = asyncio.Lock()  # one flush at a time: the ledger's `settle` counts on it
         self.shadow_tasks: set[asyncio.Task] = set()
         self.flusher: asyncio.Task | None = None
         tags = ("arm",)
@@ -443,25 +491,26 @@ class NluService:
             raise LedgerUnavailable() from error
 
     async def flush(self) -> None:
-        if self.pending:
+        """Sends the pending records, or none: an empty flush tells the ledger this replica is drained."""
+        async with self.flush_lock:
             entries, self.pending = self.pending, []
             try:
-                await self.ask_ledger("record", entries)
+                await self.ask_ledger("record", entries, self.replica_key)
             except Exception:
                 # the ledger is restarting: keep the records for the next flush (bounded, oldest dropped)
                 self.pending = (entries + self.pending)[-MAX_PENDING_RECORDS:]
                 raise
 
+    def settle_args(self) -> tuple[float, float]:
+        """How long the ledger waits for the replicas' flushes (within this replica's ledger timeout),
+        and after how long without a flush a replica counts as gone."""
+        return self.settings.ledger_timeout_s / 2, max(1.0, 10 * self.settings.ledger_flush_s)
+
     async def feedback(self, request_id: str, satisfied: bool) -> str:
         await self.flush()
-        # the request may have been answered by another replica: its records reach the ledger within
-        # that replica's flush interval, so an unknown id is asked about again before it is refused
-        for _ in range(4):
-            outcome = await self.ask_ledger("feedback", request_id, satisfied)
-            if outcome != "unknown":
-                break
-            await asyncio.sleep(self.settings.ledger_flush_s)
-        return outcome
+        # another replica may have answered the request: the ledger waits for its flush before it
+        # calls an id unknown
+        return await self.ask_ledger("feedback", request_id, satisfied, *self.settle_args())
 
     # ------------------------------------------------------------------ requests
 

@@ -138,6 +138,45 @@ def test_ledger_state_round_trips(tmp_path):
         Ledger.from_state(["A"], {"version": 99})
 
 
+def test_the_report_waits_for_records_another_replica_has_not_flushed():
+    """The ledger deployment's own class on one event loop, with two replicas flushing as NluService does:
+    a request answered by the second replica just before the report is in the report; one that went
+    silent is not waited for beyond ``silent_s``."""
+    import asyncio
+
+    from atm_ray.serve.app import AbLedger
+
+    def request(request_id):
+        return {"event": "request", "arm": "A", "request_id": request_id, "latency_ms": 1.0, "intent": "play"}
+
+    async def scenario():
+        ledger = AbLedger.func_or_class(["A", "B"])
+        pending = {"r1": [], "r2": []}
+
+        async def replica(name, interval):  # NluService._flush_forever: one flush at a time
+            while True:
+                await asyncio.sleep(interval)
+                entries, pending[name] = pending[name], []
+                await ledger.record(entries, name)
+
+        flushers = [asyncio.create_task(replica("r1", 0.01)), asyncio.create_task(replica("r2", 0.2))]
+        await asyncio.sleep(0.5)  # both replicas known to the ledger, drained
+        pending["r2"].append(request("late"))  # answered by the slow replica, not flushed yet
+        assert (await ledger.report())["arms"]["A"]["requests"] == 0  # without settling, it is not there
+        assert (await ledger.report(settle_s=2.0, silent_s=1.0))["arms"]["A"]["requests"] == 1
+        pending["r2"].append(request("later"))
+        assert await ledger.feedback("later", True, settle_s=2.0, silent_s=1.0) == "ok"
+
+        flushers[1].cancel()  # r2 stops: after silent_s the report stops waiting for it
+        started = time.monotonic()
+        assert await ledger.settle(timeout_s=5.0, silent_s=0.5)
+        assert time.monotonic() - started < 1.0
+        flushers[0].cancel()
+        assert await ledger.feedback("never-seen", True, settle_s=2.0, silent_s=1.0) == "unknown"
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------------- a real Serve application
 
 
