@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from atm_ray.utils import VERBOSE_ENV
+
+# Ray's state API finds the dashboard from this variable before it looks for a running Ray
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def init_ray(address: str | None = None, dashboard: bool = True) -> None:
     """Join ``address`` (or the cluster of a submitted job), else start a local Ray for this program,
     with its dashboard on 127.0.0.1: Ray's state API lives there, and Ray Train V2's placement-group
     cleaner polls it after every run (without it, each stage leaves a cleaner that warns forever that the
-    state API is unavailable, and cannot free a dead run's workers; Tune needs it for trials ASHA stops)."""
+    state API is unavailable, and cannot free a dead run's workers; Tune needs it for trials ASHA stops).
+
+    The local Ray's workers are told its dashboard's address: left to find it, the state API refuses to
+    pick when another local Ray runs on the machine ("Found multiple active Ray instances"), and a sweep
+    whose trials ASHA stops hangs, their workers never freed. Only the workers are told (every state API
+    call is in Train's actors): in this process's environment the address would outlive this Ray and
+    reach the commands it starts."""
     import ray
     import torch
 
@@ -38,5 +54,9 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=runtime_env,
-                 logging_level=logging.WARNING, log_to_driver=log_to_driver)
+        port = None
+        if dashboard and API_SERVER_ENV not in os.environ:
+            port = _free_port()
+            runtime_env["env_vars"][API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
+                 runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=log_to_driver)

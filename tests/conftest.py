@@ -29,7 +29,8 @@ def clean_environment(**extra: str) -> dict[str, str]:
     Serve: without the rendezvous, Ray address, Serve ingress and ``-v`` variables the tests set here."""
     environment = {
         name: value for name, value in os.environ.items()
-        if name not in DISTRIBUTED and name not in ("RAY_ADDRESS", VERBOSE_ENV) and not name.startswith("RAY_SERVE_")
+        if name not in DISTRIBUTED and name not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", VERBOSE_ENV)
+        and not name.startswith("RAY_SERVE_")
     }
     return {**environment, **extra}
 

@@ -1,7 +1,9 @@
-"""cluster.yaml is a valid Ray cluster launcher config (Ray's own schema, after the defaults `ray up` fills in)."""
+"""cluster.yaml is a valid Ray cluster launcher config (Ray's own schema, after the defaults `ray up` fills in);
+the local Ray atm-ray starts keeps to itself beside another one."""
 
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.autoscaler._private.util import fillout_defaults, validate_config
 
@@ -22,7 +24,6 @@ def test_cluster_yaml_passes_ray_validation():
 
 def test_a_broken_cluster_yaml_is_refused():
     import jsonschema
-    import pytest
 
     config = yaml.safe_load(CLUSTER.read_text())
     config["available_node_types"]["gpu_8x"]["max_workers"] = "eight"
@@ -86,3 +87,45 @@ def test_kuberay_rayservice_serve_config_passes_ray_validation(tmp_path):
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         (container,) = group["template"]["spec"]["containers"]
         assert {item["name"]: item["value"] for item in container["env"]} == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+STATE_API_FROM_A_WORKER = """
+import ray
+from atm_ray.cluster import init_ray
+
+@ray.remote(num_cpus=0)
+def state_api_nodes():  # what Ray Train's placement-group cleaner does in its actor
+    from ray.util.state import list_nodes
+    return [node.node_id for node in list_nodes()]
+
+for _ in range(2):  # a process that shuts its Ray down and starts another finds the new one
+    init_ray()
+    assert ray.get(state_api_nodes.remote()) == [ray.get_runtime_context().get_node_id()]
+    ray.shutdown()
+print("state API ok")
+"""
+
+
+@pytest.mark.slow
+def test_workers_reach_their_own_state_api_while_another_local_ray_runs():
+    """A sweep beside a running pipeline: with two local Rays on the machine, Ray's state API refuses to
+    pick one ("Found multiple active Ray instances") unless told; Train's cleaner then never frees the
+    workers of a trial ASHA stops, and the sweep hangs."""
+    import subprocess
+    import sys
+
+    from conftest import clean_environment
+
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(address='local', include_dashboard=False); "
+         "print('up', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=clean_environment(),
+    )
+    try:
+        assert other.stdout.readline().strip() == "up"
+        done = subprocess.run([sys.executable, "-c", STATE_API_FROM_A_WORKER], env=clean_environment(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "state API ok" in done.stdout, done.stderr[-3000:]
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
