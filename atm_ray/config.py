@@ -236,6 +236,8 @@ class FinetuneConfig(Strict):
     warmup_fraction: float = Field(default=0.1, ge=0, lt=1)
     slot_loss_weight: float = Field(default=1.0, ge=0)
     head_dropout: float = Field(default=0.1, ge=0, lt=1)
+    # what the intent head reads: the first token's state, or the mean over the utterance's tokens
+    intent_pooling: Literal["first", "mean"] = "first"
     freeze_encoder: bool = False
     num_workers: int = Field(default=1, gt=0)
 

@@ -309,6 +309,7 @@ def build_nlu_trainer(config: Config, plan: FinetunePlan, steps_per_epoch: int) 
         plan.slot_labels,
         slot_loss_weight=settings.slot_loss_weight,
         head_dropout=settings.head_dropout,
+        intent_pooling=settings.intent_pooling,
         lowercase=plan.lowercase,
         scratch=plan.scratch,
         seed=config.seed,

@@ -44,7 +44,8 @@ class IntentSlotOutput(ModelOutput):
 
 
 class IntentSlotsConfig(RobertaPreLayerNormConfig):
-    """The encoder's config plus ``intent_labels``, ``slot_labels``, ``slot_loss_weight``, ``head_dropout``
+    """The encoder's config plus ``intent_labels``, ``slot_labels``, ``slot_loss_weight``, ``head_dropout``,
+    ``intent_pooling`` (``first``: the first token's state; ``mean``: the mean over the utterance's tokens)
     and ``lowercase`` (whether training text was lower-case, so the parser lower-cases too). Its own
     ``model_type`` lets transformers' Auto classes find the joint model (see ``register_auto_classes``)."""
 
@@ -68,7 +69,14 @@ class RobertaPreLayerNormForIntentAndSlots(RobertaPreLayerNormPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, intent_labels=None, slot_labels=None, **_) -> IntentSlotOutput:
         hidden = self.roberta_prelayernorm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = self.dropout(hidden)
-        intent_logits = self.intent_head(hidden[:, 0])
+        if getattr(self.config, "intent_pooling", "first") == "mean" and attention_mask is not None:
+            # the mean over the utterance's tokens: a masked LM never trains its first token's output,
+            # every other position it does
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        else:
+            pooled = hidden[:, 0]
+        intent_logits = self.intent_head(pooled)
         slot_logits = self.slot_head(hidden)
         output = IntentSlotOutput(intent_logits=intent_logits, slot_logits=slot_logits)
         if intent_labels is not None and slot_labels is not None:
@@ -105,6 +113,7 @@ def build_joint_model(
     *,
     slot_loss_weight: float = 1.0,
     head_dropout: float = 0.1,
+    intent_pooling: str = "first",
     lowercase: bool = False,
     scratch: bool = False,
     seed: int = 0,
@@ -129,6 +138,7 @@ def build_joint_model(
             "slot_labels": slot_labels,
             "slot_loss_weight": slot_loss_weight,
             "head_dropout": head_dropout,
+            "intent_pooling": intent_pooling,
             "lowercase": lowercase,
             "id2label": dict(enumerate(intent_labels)),
             "label2id": {label: index for index, label in enumerate(intent_labels)},
@@ -182,13 +192,18 @@ class WordEncoder:
         else:
             encoded = self.tokenizer(word_lists, is_split_into_words=True, truncation=True, max_length=self.max_seq_len)
             ids_lists, word_ids = encoded["input_ids"], [encoded.word_ids(row) for row in range(len(word_lists))]
-        length = max(len(ids) for ids in ids_lists)
-        input_ids = np.full((len(word_lists), length), self.pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(word_lists), length), dtype=np.int64)
+        if len(ids_lists) == 1:  # nothing to pad
+            input_ids = np.array(ids_lists, dtype=np.int64)
+            attention_mask = np.ones_like(input_ids)
+        else:
+            length = max(len(ids) for ids in ids_lists)
+            input_ids = np.full((len(word_lists), length), self.pad_id, dtype=np.int64)
+            attention_mask = np.zeros((len(word_lists), length), dtype=np.int64)
+            for row, ids in enumerate(ids_lists):
+                input_ids[row, : len(ids)] = ids
+                attention_mask[row, : len(ids)] = 1
         first_positions = []
         for row, ids in enumerate(ids_lists):
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
             positions = [-1] * len(word_lists[row])
             for position, word in enumerate(word_ids[row]):
                 if word is not None and positions[word] < 0:
@@ -238,46 +253,52 @@ def as_numpy(logits) -> np.ndarray:
     return logits if isinstance(logits, np.ndarray) else logits.float().cpu().numpy()
 
 
-@torch.inference_mode()
 def predict_words(model, tokenizer, word_lists: list[list[str]], batch_size: int = 64, top_k: int = 1,
-                  encoder: WordEncoder | None = None) -> list[dict]:
+                  encoder: WordEncoder | None = None, labels: tuple[list[str], list[str]] | None = None) -> list[dict]:
     """Per word list: the intent and its probability, the ``top_k`` most probable intents, and a BIO tag
     per word with its probability (words past the model's length get ``O`` with probability 1).
-    ``encoder``: a ``WordEncoder`` made once for this model (``Parser`` keeps one); else one per call."""
+    ``encoder``: a ``WordEncoder`` made once for this model (``Parser`` keeps one); else one per call.
+    ``labels``: the config's (intent, slot) label lists, read once (``Parser`` keeps them)."""
     config = model.config
-    # read once: each attribute read of a transformers config costs microseconds, and a parse reads labels per word
-    intent_labels, slot_labels = config.intent_labels, config.slot_labels
+    # each attribute read of a transformers config costs microseconds, and a parse reads labels per word
+    intent_labels, slot_labels = labels or (config.intent_labels, config.slot_labels)
     encoder = encoder or WordEncoder.for_model(tokenizer, config)
     top_k = max(1, min(top_k, len(intent_labels) - 1))
-    # the ONNX Runtime backend takes and gives NumPy arrays; the post-processing below is NumPy too, as
-    # a dozen torch calls on batch-1 tensors cost more than the arithmetic
+    # the ONNX Runtime backend takes and gives NumPy arrays, and needs no autograd mode (entering
+    # inference_mode costs as much as the rest of the post-processing at batch 1); the post-processing
+    # is NumPy too, as a dozen torch calls on batch-1 tensors cost more than the arithmetic
     takes_numpy = getattr(model, "takes_numpy", False)
-    device = None if takes_numpy else model.device
-    predictions = []
+    if takes_numpy:
+        return _predict(model, encoder, word_lists, batch_size, top_k, intent_labels, slot_labels, None)
     if model.training:  # eval() walks every module: ~2 ms a call for the 17M student, more than the parse's other work
         model.eval()
+    with torch.inference_mode():
+        return _predict(model, encoder, word_lists, batch_size, top_k, intent_labels, slot_labels, model.device)
+
+
+def _predict(model, encoder, word_lists, batch_size, top_k, intent_labels, slot_labels, device) -> list[dict]:
+    predictions = []
     for start in range(0, len(word_lists), batch_size):
         chunk = word_lists[start : start + batch_size]
         inputs, first_positions = encoder(chunk)
-        output = model(**(inputs if takes_numpy else {name: torch.from_numpy(array).to(device) for name, array in inputs.items()}))
+        output = model(**(inputs if device is None else {name: torch.from_numpy(array).to(device) for name, array in inputs.items()}))
         intent_logits, slot_logits = as_numpy(output.intent_logits), as_numpy(output.slot_logits)
         intent_logits[:, 0] = -np.inf  # never answer "unknown": it has no training examples
         slot_logits[:, :, 0] = -np.inf
-        intent_probabilities = softmax(intent_logits)
-        top_intents = np.argsort(-intent_probabilities, axis=-1, kind="stable")[:, :top_k]
-        top_probabilities = np.take_along_axis(intent_probabilities, top_intents, axis=-1).tolist()
-        slot_probabilities = softmax(slot_logits)
-        slot_ids = slot_probabilities.argmax(-1)
-        tag_probabilities = np.take_along_axis(slot_probabilities, slot_ids[..., None], axis=-1)[..., 0]
-        top_intents = top_intents.tolist()
+        intent_probabilities = softmax(intent_logits).tolist()
+        top_intents = np.argsort(-intent_logits, axis=-1, kind="stable")[:, :top_k].tolist()
+        # only the best tag and its probability: softmax's maximum is 1 / sum(exp(logits - max))
+        slot_ids = slot_logits.argmax(-1).tolist()
+        tag_probabilities = (1.0 / np.exp(slot_logits - slot_logits.max(-1, keepdims=True)).sum(-1)).tolist()
         for row, positions in enumerate(first_positions):
-            ranking = [(intent_labels[index], probability) for index, probability in zip(top_intents[row], top_probabilities[row])]
+            row_probabilities, row_ids, row_tags = intent_probabilities[row], slot_ids[row], tag_probabilities[row]
+            ranking = [(intent_labels[index], row_probabilities[index]) for index in top_intents[row]]
             predictions.append({
                 "intent": ranking[0][0],
                 "confidence": ranking[0][1],
                 "ranking": ranking,
-                "slot_tags": [slot_labels[slot_ids[row, position]] if position >= 0 else "O" for position in positions],
-                "tag_confidences": [float(tag_probabilities[row, position]) if position >= 0 else 1.0 for position in positions],
+                "slot_tags": [slot_labels[row_ids[position]] if position >= 0 else "O" for position in positions],
+                "tag_confidences": [row_tags[position] if position >= 0 else 1.0 for position in positions],
             })
     return predictions
 
@@ -343,6 +364,7 @@ class Parser:
             self.model = quantize_int8(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.encoder = WordEncoder.for_model(self.tokenizer, self.model.config)
+        self.labels = (self.model.config.intent_labels, self.model.config.slot_labels)
         self.model_dir = model_dir
         self.batch_size = batch_size
         self.top_k = top_k
@@ -353,7 +375,7 @@ class Parser:
         return list(self.model.config.intent_labels[1:])
 
     def predict(self, word_lists: list[list[str]]) -> list[dict]:
-        return predict_words(self.model, self.tokenizer, word_lists, self.batch_size, self.top_k, self.encoder)
+        return predict_words(self.model, self.tokenizer, word_lists, self.batch_size, self.top_k, self.encoder, self.labels)
 
     def parse(self, texts: list[str]) -> list[dict]:
         spans = [[match.span() for match in WORD.finditer(text)] for text in texts]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from atm_ray.cli import main
 from atm_ray.config import load_config
@@ -274,3 +275,33 @@ def test_int8_parser_keeps_accuracy(nlu_models):
           f"slot F1 {full['slot_f1']:.4f} / {int8['slot_f1']:.4f}, exact match {full['exact_match']:.4f} / {int8['exact_match']:.4f}")
     for metric in ("intent_accuracy", "slot_f1", "exact_match"):
         assert abs(full[metric] - int8[metric]) <= 0.01, (metric, full[metric], int8[metric])
+
+
+def test_mean_pooled_intent_head_ignores_padding_and_round_trips(encoder_dir, tmp_path):
+    records, _ = read_nlu("jointbert", resolve(f"{SNIPS}/train"), max_records=200)
+    intents, slots = label_maps(records)
+    model = build_joint_model(encoder_dir, intents, slots, intent_pooling="mean").eval()
+    first = build_joint_model(encoder_dir, intents, slots).eval()  # same weights, the first token's state
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
+    words = [record["tokens"] for record in records[:8]]
+    batch = encode_records(tokenizer, records[:8], intents, slots, 48, lowercase=True)
+    assert (batch["attention_mask"] == 0).any()
+    with torch.inference_mode():
+        padded = model(input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"]))
+        for row in range(8):
+            length = int(batch["attention_mask"][row].sum())
+            alone = model(input_ids=torch.from_numpy(batch["input_ids"][row : row + 1, :length]),
+                          attention_mask=torch.from_numpy(batch["attention_mask"][row : row + 1, :length]))
+            torch.testing.assert_close(padded.intent_logits[row], alone.intent_logits[0], atol=1e-5, rtol=1e-5)
+        reference = first(input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(batch["attention_mask"]))
+    assert not torch.allclose(padded.intent_logits, reference.intent_logits)  # the setting reaches the head
+    torch.testing.assert_close(padded.slot_logits, reference.slot_logits)  # and only the intent head
+    model.save_pretrained(str(tmp_path / "export"))
+    tokenizer.save_pretrained(str(tmp_path / "export"))
+    for backend in ("torch", "onnxruntime"):
+        parser = Parser(tmp_path / "export", backend=backend)
+        assert parser.model.config.intent_pooling == "mean"
+        got = parser.predict(words)
+        wanted = predict_words(model, tokenizer, words, top_k=parser.top_k)
+        assert [item["intent"] for item in got] == [item["intent"] for item in wanted]
+        np.testing.assert_allclose([item["confidence"] for item in got], [item["confidence"] for item in wanted], atol=1e-4)
