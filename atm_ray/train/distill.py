@@ -44,14 +44,20 @@ POST_LN_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 LAYER_COPY_TYPES = ("roberta-prelayernorm", *POST_LN_TYPES)
 
 
-def init_from_teacher_layers(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
-    """DistilBERT-style: copy the embeddings, the LM head and every k-th teacher layer (same width only)."""
+def init_from_teacher_layers(student: torch.nn.Module, teacher: torch.nn.Module, layer_map: list[int] | None = None) -> None:
+    """DistilBERT-style: copy the embeddings, the LM head and every k-th teacher layer (same width only), or
+    the layers an explicit ``layer_map`` names (student layer m from teacher layer layer_map[m], 1-based), so
+    that a 3-layer student can start from a 4-layer teacher."""
     if student.config.hidden_size != teacher.config.hidden_size:
         raise AtmRayError(
             f"init: teacher_layers needs equal widths; the student has {student.config.hidden_size}, "
             f"the teacher {teacher.config.hidden_size}"
         )
-    layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    student_layers, teacher_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    layer_map = layer_map or uniform_layer_map(student_layers, teacher_layers)
+    check_layer_map(layer_map, student_layers, teacher_layers)
+    if layer_map[0] != 0 or 0 in layer_map[1:]:
+        raise AtmRayError(f"layer_map {layer_map}: init: teacher_layers copies embeddings into entry 0 and a teacher layer (1..{teacher_layers}) into each other entry")
     if teacher.config.model_type in POST_LN_TYPES:
         _copy_post_ln_layers(student, teacher, layer_map)
         return
@@ -146,7 +152,7 @@ class DistillTrainer(MlmTrainer):
         if settings.init == "teacher_layers":
             # the last teacher of a switch sequence is the most trained one (Stage 2 = Stage 1 + in-domain text)
             last = first_teacher if len(teachers) == 1 else self._load_teacher(teachers[-1], vocab_size)
-            init_from_teacher_layers(student, last)
+            init_from_teacher_layers(student, last, settings.layer_map)
         self.layer_map = None
         if needs_hidden or weights.attention > 0:
             student_layers, teacher_layers = student.config.num_hidden_layers, first_teacher.config.num_hidden_layers

@@ -206,6 +206,18 @@ def test_student_initialised_from_every_kth_teacher_layer():
     narrow = build_masked_lm(ModelShape(num_layers=2, hidden_size=16, num_heads=2, intermediate_size=64), 100)
     with pytest.raises(ValueError, match="equal widths"):
         init_from_teacher_layers(narrow, teacher)
+    # three layers from four: no uniform map, an explicit one names the layers (as the cpu preset does)
+    three = build_masked_lm(ModelShape(num_layers=3, hidden_size=32, num_heads=2, intermediate_size=64), 100, seed=3)
+    with pytest.raises(ValueError, match="multiple"):
+        init_from_teacher_layers(three, teacher)
+    init_from_teacher_layers(three, teacher, [0, 1, 3, 4])
+    for student_index, teacher_index in ((0, 0), (1, 2), (2, 3)):
+        for (name, value), (_, expected) in zip(three.roberta_prelayernorm.encoder.layer[student_index].state_dict().items(), teacher_layers[teacher_index].state_dict().items()):
+            assert torch.equal(value, expected), name
+    with pytest.raises(ValueError, match="needs 4"):
+        init_from_teacher_layers(three, teacher, [0, 2, 4])
+    with pytest.raises(ValueError, match="a teacher layer"):
+        init_from_teacher_layers(three, teacher, [0, 0, 2, 4])
 
 
 def test_attention_matching_runs_and_logs_its_term():
