@@ -391,6 +391,20 @@ class Config(Strict):
         for key, model in named.items():
             if model not in self.models:
                 raise ValueError(f"{key} names {model!r}, not one of models: {sorted(self.models)}")
+        # a layer map is checked here, not an hour later when its stage starts: one entry per student layer
+        # plus the embeddings, each a layer of the stage's teacher (the intermediate's when it is ours)
+        teachers = {"intermediate": None if self.teachers.stage1 else self.pretrain.model, "final": self.distill.intermediate.student}
+        for name, teacher in teachers.items():
+            settings = getattr(self.distill, name)
+            if settings.layer_map is None:
+                continue
+            student_layers = self.models[settings.student].num_layers
+            top = self.models[teacher].num_layers if teacher else None
+            if len(settings.layer_map) != student_layers + 1 or any(layer < 0 or (top is not None and layer > top) for layer in settings.layer_map):
+                raise ValueError(
+                    f"distill.{name}.layer_map {settings.layer_map}: needs {student_layers + 1} entries (embeddings, then each "
+                    f"of models.{settings.student}'s {student_layers} layers), each a teacher layer 0..{top if top is not None else 'N'}"
+                )
         for name, shape in self.models.items():  # position tables must hold every row the stages feed them
             for key, length in (("data.max_seq_len", self.data.max_seq_len), ("finetune.max_seq_len", self.finetune.max_seq_len)):
                 if length > shape.max_positions:

@@ -159,3 +159,12 @@ def test_teacher_switch_direction_is_the_metrics_own_and_checked_at_load():
         load_config("tiny", ["distill.intermediate.switch.metric=spoken/mask_fill"])
     with pytest.raises(ConfigError, match="held-out metric"):
         load_config("tiny", ["distill.intermediate.switch.metric=train_loss"])
+
+
+def test_layer_map_is_checked_against_the_shapes_when_the_config_loads():
+    config = load_config("cpu")
+    assert config.distill.intermediate.layer_map == [0, 1, 2, 4] and config.distill.final.layer_map == [0, 1, 3]
+    with pytest.raises(ConfigError, match=r"distill.final.layer_map \[0, 1\]: needs 3 entries"):
+        load_config("cpu", ["distill.final.layer_map=[0,1]"])
+    with pytest.raises(ConfigError, match=r"distill.intermediate.layer_map .*teacher layer 0..4"):
+        load_config("cpu", ["distill.intermediate.layer_map=[0,1,2,5]"])
