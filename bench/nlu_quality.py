@@ -6,6 +6,7 @@ the scratch baseline, beside the JointBERT anchors.
     atm-ray pipeline --preset tiny && python bench/nlu_quality.py --preset tiny --no-ray
     python bench/nlu_quality.py --preset cpu --seeds 0 1 2          # after `atm-ray pipeline --preset cpu`
     python bench/nlu_quality.py --preset cpu --no-ray --jobs 2      # two fine-tunings at once, 1 thread each (~1.2× sooner on 2 cores)
+    python bench/nlu_quality.py --preset cpu --no-ray --datasets slurp_devel --folds 10 --seeds 0   # every tenth of SLURP devel tested once
     python bench/nlu_quality.py --preset cpu --teacher mine=/path/to/bert   # one more row: a student of your teacher
 
 Rows (same fine-tuning for every row):
@@ -21,7 +22,9 @@ Rows (same fine-tuning for every row):
 A difference counts as a gain only when it exceeds twice the larger of the two rows' standard deviations
 over seeds; the table says which do. Data come from the preset's data.root (../shared/data); where a
 corpus is not there, the slice bundled in the package is used and the table says so. SLURP devel has no
-train/test split: 10% of it is held out for dev and 10% for test. Results go to
+train/test split: 10% of it is held out for dev and 10% for test; ``--folds K`` tests K disjoint tenths in
+turn (cross-validation: K times the test utterances, so a row's score moves less with which 203 utterances
+happen to be held out; fold 0 is the default split). Results go to
 <run>/nlu_quality.{md,json}; the run report (``atm-ray report``) includes the markdown.
 """
 
@@ -43,7 +46,7 @@ from atm_ray.config import NluSource, load_config  # noqa: E402
 from atm_ray.data import files  # noqa: E402
 from atm_ray.train.engine import EXPORT_DIR  # noqa: E402
 from atm_ray.nlu.evaluate import score_model  # noqa: E402
-from atm_ray.nlu.finetune import load_nlu_data, plan_finetune, run_finetune_stage, split_sources  # noqa: E402
+from atm_ray.nlu.finetune import NluData, load_nlu_data, plan_finetune, run_finetune_stage, split_sources  # noqa: E402
 from atm_ray.train.modeling import count_parameters  # noqa: E402
 from atm_ray.train.stage_table import (  # noqa: E402
     FINAL_DISTILL, INTERMEDIATE_CONTINUE, MASKED_LM_STAGES, STAGES, TEACHER_STAGE1, TEACHER_STAGE2,
@@ -102,11 +105,22 @@ def fine_tune_and_score(config, data, directory: Path, name: str, scratch: bool,
     return score_model(manifest["outputs"]["export"], data.test)
 
 
+def folds(data: NluData, count: int) -> list[NluData]:
+    """``count`` disjoint test splits of a dataset cut from one file (cross-validation): fold k tests on the
+    k-th block of the records in the order ``load_nlu_data`` shuffled them, the dev block follows it and the
+    rest trains; fold 0 is ``data`` itself."""
+    records, test, dev = data.test + data.dev + data.train, len(data.test), len(data.dev)
+    if count * test > len(records):
+        raise SystemExit(f"--folds {count}: only {len(records) // test} disjoint test splits of {test} in {len(records)} records")
+    rotated = [records[k * test:] + records[:k * test] for k in range(count)]
+    return [replace(data, test=r[:test], dev=r[test:test + dev], train=r[test + dev:]) for r in rotated]
+
+
 def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(name: str, title: str, rows: dict[str, dict], parameters: dict[str, int], seeds: int) -> str:
+def table(name: str, title: str, rows: dict[str, dict], parameters: dict[str, int], runs: int) -> str:
     base = rows["scratch"]
     lines = [f"### {title}", "",
              "| model | non-emb. params | intent acc. | slot F1 | exact match | Δ EM err. vs scratch | EM gain beyond 2σ |",
@@ -119,7 +133,7 @@ def table(name: str, title: str, rows: dict[str, dict], parameters: dict[str, in
         spread = 2 * max(scores["exact_match"][1], base["exact_match"][1])
         if model == "scratch":
             verdict = "—"
-        elif seeds < 2:  # one seed has no spread to compare with
+        elif runs < 2:  # one run has no spread to compare with
             verdict = f"n/a ({100 * gain:+.2f}, one seed)"
         else:
             verdict = f"yes (+{100 * gain:.2f})" if gain > spread else f"no ({100 * gain:+.2f}, 2σ {100 * spread:.2f})"
@@ -150,8 +164,13 @@ def main() -> None:
                         help="with --no-ray: fine-tunings at once, in processes sharing the cores (small models use many threads "
                              "poorly: on 2 cores, two 1-thread fine-tunings of a 2×256 model each took 1.7× as long "
                              "as one on 2 threads, so the bench finishes ~1.2× sooner)")
+    parser.add_argument("--folds", type=int, default=1,
+                        help="for a dataset without its own test split (SLURP devel): test K disjoint held-out splits in "
+                             "turn (cross-validation; at most 1 / finetune.test_fraction)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.folds < 1:
+        parser.error("--folds: a positive number")
     if args.jobs < 1 or (args.jobs > 1 and not args.no_ray):
         parser.error("--jobs: a positive number, and more than 1 only with --no-ray (under Ray, Ray Train places each fine-tuning)")
     config = load_config(args.preset, args.overrides)
@@ -183,14 +202,19 @@ def main() -> None:
         if args.max_train_records:
             splits["train"] = [source.model_copy(update={"max_records": args.max_train_records}) for source in splits["train"]]
         data = load_nlu_data(config.finetune.model_copy(update=splits), config.data.root, config.data.strict, seed=0)  # same splits every seed
-        runs = {(seed, model): (config.model_copy(update={"seed": seed, "finetune": config.finetune.model_copy(update=splits)}),
-                                data, directory, f"nlu_quality/{dataset}_{model}_seed{seed}", model == "scratch", run_dir, not args.no_ray)
-                for seed in args.seeds for model, directory in exports.items()}
-        tests: dict[tuple[int, str], dict] = {}
+        # a dataset with its own test split has one fold; fold 0 keeps the names of runs made before --folds
+        parts = folds(data, args.folds) if not splits["test"] else [data]
+        runs = {(seed, fold, model): (config.model_copy(update={"seed": seed, "finetune": config.finetune.model_copy(update=splits)}),
+                                      part, directory, f"nlu_quality/{dataset}{f'_fold{fold}' if fold else ''}_{model}_seed{seed}",
+                                      model == "scratch", run_dir, not args.no_ray)
+                for seed in args.seeds for fold, part in enumerate(parts) for model, directory in exports.items()}
+        tests: dict[tuple[int, int, str], dict] = {}
 
-        def done(key: tuple[int, str], test: dict) -> None:
+        def done(key: tuple[int, int, str], test: dict) -> None:
             tests[key] = test
-            print(f"{dataset} seed {key[0]} {key[1]}: " + ", ".join(f"{metric} {100 * test[metric]:.2f}" for metric in METRICS), flush=True)
+            seed, fold, model = key
+            print(f"{dataset} seed {seed}{f' fold {fold}' if len(parts) > 1 else ''} {model}: "
+                  + ", ".join(f"{metric} {100 * test[metric]:.2f}" for metric in METRICS), flush=True)
 
         if args.jobs == 1:
             for key, arguments in runs.items():
@@ -202,14 +226,27 @@ def main() -> None:
                 futures = {pool.submit(fine_tune_and_score, *arguments, threads): key for key, arguments in runs.items()}
                 for future in as_completed(futures):
                     done(futures[future], future.result())
-        scores = {model: {metric: [tests[seed, model][metric] for seed in args.seeds] for metric in METRICS} for model in exports}
+        # one value per (seed, fold), seeds outermost: with one fold, one per seed as before
+        keys = [(seed, fold) for seed in args.seeds for fold in range(len(parts))]
+        scores = {model: {metric: [tests[seed, fold, model][metric] for seed, fold in keys] for metric in METRICS} for model in exports}
         rows = {model: {metric: summarise(values) for metric, values in metrics.items()} for model, metrics in scores.items()}
-        results[dataset] = {"rows": rows, "per_seed": scores, "seeds": args.seeds, "data": located}
+        results[dataset] = {"rows": rows, "per_seed": scores, "seeds": args.seeds, "folds": len(parts), "data": located}
         epochs, patience = config.finetune.schedule(config.finetune.steps_per_epoch(len(data.train)))
         results[dataset]["finetune"] = {"epochs": epochs, "patience": patience}
+        over = f"seeds {args.seeds}" + (f" × {len(parts)} folds (each a disjoint test split; ± over seed-fold runs)" if len(parts) > 1 else "")
         title = (f"{dataset} ({located}; {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test; "
-                 f"{epochs} epochs, patience {patience}; seeds {args.seeds})")
-        sections.append(table(dataset, title, rows, parameters, len(args.seeds)))
+                 f"{epochs} epochs, patience {patience}; {over})")
+        sections.append(table(dataset, title, rows, parameters, len(keys)))
+        if len(parts) > 1:
+            # folds differ in difficulty for every row alike: the paired difference is the sharper comparison
+            paired = []
+            for model in exports:
+                if model != "scratch":
+                    gaps = [a - b for a, b in zip(scores[model]["exact_match"], scores["scratch"]["exact_match"])]
+                    mean, spread = summarise(gaps)
+                    paired.append(f"- {model} − scratch, exact match paired by seed and fold: {100 * mean:+.2f} "
+                                  f"(std {100 * spread:.2f}, standard error {100 * spread / len(gaps) ** 0.5:.2f}, {len(gaps)} pairs)")
+            sections.append("\n".join(paired) + "\n")
 
     # the fine-tuning every row had, so that a results file says how to reproduce it
     finetune = config.finetune
@@ -219,7 +256,7 @@ def main() -> None:
     report = (f"# NLU quality, preset {config.name}\n\n`{setting['command']}`: fine-tuning {finetune.max_epochs} epochs "
               f"(patience {finetune.patience}{f'; at least {finetune.min_steps} steps, see each table' if finetune.min_steps else ''}), "
               f"lr {finetune.learning_rate:g}, batch {finetune.batch_size}.\n\n"
-              "Mean ± standard deviation over fine-tuning seeds, in %. "
+              "Mean ± standard deviation over fine-tuning seeds (and folds where a table says so), in %. "
               "A gain counts when it exceeds twice the larger standard deviation of the two rows.\n\n"
               + "\n".join(sections) + "\n" + ANCHORS + "\n")
     print(report)
