@@ -204,6 +204,8 @@ def main() -> None:
         data = load_nlu_data(config.finetune.model_copy(update=splits), config.data.root, config.data.strict, seed=0)  # same splits every seed
         # a dataset with its own test split has one fold; fold 0 keeps the names of runs made before --folds
         parts = folds(data, args.folds) if not splits["test"] else [data]
+        if args.folds > 1 and splits["test"]:
+            print(f"{dataset}: has its own test split, so one fold (--folds is for a dataset cut from one file)")
         runs = {(seed, fold, model): (config.model_copy(update={"seed": seed, "finetune": config.finetune.model_copy(update=splits)}),
                                       part, directory, f"nlu_quality/{dataset}{f'_fold{fold}' if fold else ''}_{model}_seed{seed}",
                                       model == "scratch", run_dir, not args.no_ray)
