@@ -3,6 +3,7 @@ and bad labelled data reaching the user as file:line."""
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +306,18 @@ def test_mean_pooled_intent_head_ignores_padding_and_round_trips(encoder_dir, tm
         wanted = predict_words(model, tokenizer, words, top_k=parser.top_k)
         assert [item["intent"] for item in got] == [item["intent"] for item in wanted]
         np.testing.assert_allclose([item["confidence"] for item in got], [item["confidence"] for item in wanted], atol=1e-4)
+
+
+def test_a_fine_tuning_is_stale_when_its_records_change_not_only_their_count(tmp_path):
+    # a corrected label file of the same size must not find the old fine-tuning up to date
+    from atm_ray.nlu.finetune import plan_finetune
+
+    config = _config(tmp_path)
+    data = load_nlu_data(config.finetune, config.data.root, True, 0)
+    encoder = Path(__file__).resolve().parents[1] / "fixtures" / "spoken_teacher"
+    plan = lambda d: plan_finetune(config, d, encoder, "finetune_student", False, tmp_path).config_hash  # noqa: E731
+    relabelled = [dict(record) for record in data.train]
+    relabelled[5]["intent"] = next(r["intent"] for r in data.train if r["intent"] != relabelled[5]["intent"])
+
+    assert plan(data) == plan(load_nlu_data(config.finetune, config.data.root, True, 0))
+    assert plan(replace(data, train=relabelled)) != plan(data)
