@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import random
 import shutil
@@ -290,7 +289,7 @@ def plan_finetune(config: Config, data: NluData, encoder_dir: Path, name: str, s
         "train_records": len(data.train),
         # the records themselves, not only their count: a corrected label file of the same size (or another
         # fold of the same set) must not find the old fine-tuning up to date
-        "data": hashlib.sha256(json.dumps([data.train, data.dev], sort_keys=True, default=str).encode()).hexdigest()[:16],
+        "data": settings_hash({"train": data.train, "dev": data.dev}),
     }
     return FinetunePlan(
         name=name,
