@@ -120,6 +120,20 @@ def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired_gains(scores: dict[str, dict[str, list[float]]]) -> str:
+    """Each row's exact-match gain over scratch paired run by run (same seed, same fold): folds differ in
+    difficulty for every row alike, so the paired difference is the sharper comparison than the rows' spreads."""
+    lines = []
+    for model, metrics in scores.items():
+        if model != "scratch":
+            gaps = [a - b for a, b in zip(metrics["exact_match"], scores["scratch"]["exact_match"], strict=True)]
+            mean, spread = summarise(gaps)
+            lines.append(f"- {model} − scratch, exact match paired by seed and fold: {100 * mean:+.2f} "
+                         f"(std {100 * spread:.2f}, standard error {100 * spread / len(gaps) ** 0.5:.2f}, {len(gaps)} pairs; "
+                         f"beyond 2σ = {200 * spread:.2f}: {'yes' if mean > 2 * spread else 'no'})")
+    return "\n".join(lines) + "\n"
+
+
 def table(name: str, title: str, rows: dict[str, dict], parameters: dict[str, int], runs: int) -> str:
     base = rows["scratch"]
     lines = [f"### {title}", "",
@@ -240,15 +254,7 @@ def main() -> None:
                  f"{epochs} epochs, patience {patience}; {over})")
         sections.append(table(dataset, title, rows, parameters, len(keys)))
         if len(parts) > 1:
-            # folds differ in difficulty for every row alike: the paired difference is the sharper comparison
-            paired = []
-            for model in exports:
-                if model != "scratch":
-                    gaps = [a - b for a, b in zip(scores[model]["exact_match"], scores["scratch"]["exact_match"])]
-                    mean, spread = summarise(gaps)
-                    paired.append(f"- {model} − scratch, exact match paired by seed and fold: {100 * mean:+.2f} "
-                                  f"(std {100 * spread:.2f}, standard error {100 * spread / len(gaps) ** 0.5:.2f}, {len(gaps)} pairs)")
-            sections.append("\n".join(paired) + "\n")
+            sections.append(paired_gains(scores))
 
     # the fine-tuning every row had, so that a results file says how to reproduce it
     finetune = config.finetune

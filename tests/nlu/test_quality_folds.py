@@ -40,3 +40,18 @@ def test_folds_test_each_utterance_once_and_fold_zero_is_the_default_split(tmp_p
     assert len(set(tested)) == 10 * len(data.test)
     with pytest.raises(SystemExit, match="--folds 11"):
         bench.folds(data, 11)
+
+
+def test_paired_gains_compare_run_by_run_and_say_whether_the_gain_clears_twice_the_spread():
+    bench = _bench()
+    # folds of unequal difficulty: each row's own spread is wide, the run-by-run gain is steady
+    scratch = [0.30, 0.40, 0.50]
+    scores = {"scratch": {"exact_match": scratch},
+              "final": {"exact_match": [0.35, 0.44, 0.56]},
+              "noisy": {"exact_match": [0.40, 0.36, 0.52]}}
+    lines = bench.paired_gains(scores).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("- final − scratch") and "+5.00 (std 1.00" in lines[0] and "beyond 2σ = 2.00: yes" in lines[0]
+    assert lines[1].startswith("- noisy − scratch") and "+2.67" in lines[1] and lines[1].endswith(": no)")
+    with pytest.raises(ValueError):  # a row with a missing run is not paired silently
+        bench.paired_gains({"scratch": {"exact_match": scratch}, "final": {"exact_match": [0.35]}})
