@@ -79,11 +79,20 @@ def _op_build_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_deepspeed_ops() -> None:
+def build_deepspeed_ops(world_size: int) -> None:
     """Build (or load the cached build of) the ops DeepSpeed's communication backend loads in
     ``init_distributed``, before it does: there the build would run while other ranks wait in the
-    rendezvous, so it cannot be done under a lock shared with them."""
+    rendezvous, so it cannot be done under a lock shared with them. A single process has no peer to
+    all-reduce with through shared memory, so there the op is marked unavailable instead: DeepSpeed's
+    backend then skips it rather than JIT-compiling it (124 s on a 2-core machine, once per machine, in
+    the first stage of every fresh install's first run)."""
     _configure_deepspeed_environment()
+    if world_size == 1:
+        import deepspeed.ops
+
+        # the module caches its probe in this dict and reads it again when the backend starts
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        return
     from deepspeed.comm.torch import build_shm_op
 
     with _op_build_lock(), contextlib.redirect_stdout(io.StringIO()):  # its "built successfully": DeepSpeed prints it again
@@ -155,7 +164,8 @@ class MlmTrainer:
         seed: int = 0,
         special: SpecialTokens = SpecialTokens(),
     ):
-        build_deepspeed_ops()
+        # Ray Train has joined the process group already; a single process (--no-ray, tests) sets WORLD_SIZE
+        build_deepspeed_ops(torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
         import deepspeed
 
         if not torch.distributed.is_initialized():

@@ -198,9 +198,10 @@ def test_zero3_with_gradient_accumulation_exports_the_trained_weights(prepared_r
     assert _heldout_loss(model, rows, batches) == pytest.approx(history[-1]["written/mlm_loss"], rel=1e-4)
 
 
-def test_a_stale_op_build_lock_from_a_killed_run_does_not_hang_the_next(prepared_run, tmp_path):
-    """Ctrl-C during DeepSpeed's first op build leaves torch's bare `lock` file behind; the next run used
-    to wait on it forever. The cached build is copied where it exists (else the op builds here)."""
+def test_a_stale_op_build_lock_from_a_killed_run_does_not_hang_the_next(tmp_path):
+    """Ctrl-C during DeepSpeed's first op build (a run of several workers) leaves torch's bare `lock` file
+    behind; the next build used to wait on it forever. The cached build is copied where it exists (else
+    the op builds here)."""
     import shutil
 
     from torch.utils.cpp_extension import get_default_build_root
@@ -212,6 +213,20 @@ def test_a_stale_op_build_lock_from_a_killed_run_does_not_hang_the_next(prepared
     (extensions / "deepspeed_shm_comm").mkdir(exist_ok=True)
     stale = extensions / "deepspeed_shm_comm" / "lock"
     stale.touch()
+    code = "from atm_ray.train.engine import build_deepspeed_ops; build_deepspeed_ops(world_size=2)"
+    finished = subprocess.run([sys.executable, "-c", code], env=clean_environment(TORCH_EXTENSIONS_DIR=str(extensions)),
+                              capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert not stale.exists() and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()
+
+
+def test_a_single_process_stage_builds_no_deepspeed_op(prepared_run, tmp_path):
+    """One process has no peer to all-reduce with through shared memory: DeepSpeed's shm op is not
+    compiled for it (it cost the first stage of every fresh install ~2 minutes on 2 cores)."""
+    import shutil
+
+    extensions = tmp_path / "torch_extensions"  # empty: as on a fresh machine
+    extensions.mkdir()
     run_dir = tmp_path / "run"
     shutil.copytree(prepared_run / "prepared" / "prepare", run_dir / "prepare")
     command = [sys.executable, "-m", "atm_ray.cli", "pretrain", "--stage", "1", "--no-ray", "--run-dir", str(run_dir),
@@ -219,4 +234,5 @@ def test_a_stale_op_build_lock_from_a_killed_run_does_not_hang_the_next(prepared
     finished = subprocess.run(command, env=clean_environment(TORCH_EXTENSIONS_DIR=str(extensions)),
                               capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert not stale.exists() and (extensions / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()
+    assert "teacher_stage1 finished" in finished.stdout + finished.stderr
+    assert not list(extensions.rglob("*.so")), list(extensions.rglob("*"))
