@@ -164,8 +164,9 @@ class MlmTrainer:
         seed: int = 0,
         special: SpecialTokens = SpecialTokens(),
     ):
-        # Ray Train has joined the process group already; a single process (--no-ray, tests) sets WORLD_SIZE
-        build_deepspeed_ops(torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
+        # Ray Train's workers have joined the process group already; a single process (--no-ray) has WORLD_SIZE
+        initialized = torch.distributed.is_initialized()
+        build_deepspeed_ops(torch.distributed.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1")))
         import deepspeed
 
         if not torch.distributed.is_initialized():
