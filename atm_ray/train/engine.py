@@ -169,7 +169,7 @@ class MlmTrainer:
         build_deepspeed_ops(torch.distributed.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1")))
         import deepspeed
 
-        if not torch.distributed.is_initialized():
+        if not initialized:
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
