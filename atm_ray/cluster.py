@@ -58,5 +58,9 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> None:
         if dashboard and API_SERVER_ENV not in os.environ:
             port = _free_port()
             runtime_env["env_vars"][API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        # The raylet prints a warning to the console once 4x its startup concurrency (default: one per
+        # CPU) of worker processes are alive; each Ray Train run keeps ~5 (controller, workers, helpers),
+        # so two runs side by side (the pipeline's fine-tunings) pass it on a 2-core machine by design.
         ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
+                 runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=log_to_driver,
+                 _system_config={"worker_maximum_startup_concurrency": max(4, os.cpu_count() or 1)})

@@ -15,19 +15,57 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from atm_ray.config import Config
 from atm_ray.data.prepare import format_summary, prepare
 from atm_ray.nlu.evaluate import compare_models, comparison_report, write_comparison
-from atm_ray.nlu.finetune import finetune_summary, load_nlu_data, plan_finetune, run_finetune_stage
+from atm_ray.nlu.finetune import FinetunePlan, NluData, finetune_summary, load_nlu_data, plan_finetune, run_finetune_stage
 from atm_ray.report import write_report
 from atm_ray.train.engine import EXPORT_DIR
+from atm_ray.train.runner import up_to_date
 from atm_ray.train.stage_table import FINAL_DISTILL, FINETUNE_SCRATCH, FINETUNE_STUDENT, MASKED_LM_STAGES, STAGES
 from atm_ray.train.stages import make_plan, run_stage
 from atm_ray.train.teachers import check_teachers
 
 logger = logging.getLogger(__name__)
+
+
+def run_finetunings(config: Config, plans: dict[str, FinetunePlan], data: NluData) -> dict[str, dict]:
+    """Run the fine-tunings that are not up to date; returns each one's manifest.
+
+    They share nothing, so two run side by side: on a 2-core machine a model this small gains little from
+    a second thread, and each Ray Train run spends its first half-minute starting actors. Where the
+    cluster cannot give both their ``cluster.cpus_per_worker`` at once, each gets half (the stage's hash
+    does not include it: a later standalone ``atm-ray finetune`` still finds it up to date)."""
+    import ray
+
+    from atm_ray.cluster import init_ray
+
+    manifests = {name: up_to_date(plan.stage_dir, plan.config_hash) for name, plan in plans.items()}
+    pending = [name for name, manifest in manifests.items() if not manifest]
+    if len(pending) > 1:
+        init_ray(config.cluster.address)
+        cluster = config.cluster
+        needed = 2 * cluster.cpus_per_worker * config.finetune.num_workers
+        if ray.cluster_resources().get("CPU", 0) < needed:
+            config = config.model_copy(update={"cluster": cluster.model_copy(update={"cpus_per_worker": cluster.cpus_per_worker / 2})})
+        with ThreadPoolExecutor(len(pending), thread_name_prefix="finetune") as pool:
+            futures = {name: pool.submit(run_finetune_stage, config, plans[name], data) for name in pending}
+            try:
+                wait(futures.values())
+            except KeyboardInterrupt:
+                # Ray Train's own Ctrl-C handler lives only in the main thread, which waits here: ending this
+                # program's Ray ends both runs (each resumes from its last epoch's checkpoint)
+                ray.shutdown()
+                raise
+        manifests.update({name: future.result() for name, future in futures.items()})
+    else:
+        manifests.update({name: run_finetune_stage(config, plans[name], data) for name in pending})
+    for manifest in manifests.values():
+        logger.info("%s", finetune_summary(manifest))
+    return manifests
 
 
 def run_pipeline(config: Config, run_dir: Path | None = None) -> Path:
@@ -53,12 +91,11 @@ def run_pipeline(config: Config, run_dir: Path | None = None) -> Path:
 
     data = load_nlu_data(config.finetune, config.data.root, config.data.strict, config.seed)
     student = run_dir / FINAL_DISTILL / EXPORT_DIR
-    exports = {}
-    for name in (FINETUNE_SCRATCH, FINETUNE_STUDENT):
+    plans = {name: plan_finetune(config, data, student, name, name == FINETUNE_SCRATCH, run_dir)
+             for name in (FINETUNE_SCRATCH, FINETUNE_STUDENT)}
+    for name in plans:
         announce(f"{name}: fine-tuning of the {STAGES[name].description}")
-        manifest = run_finetune_stage(config, plan_finetune(config, data, student, name, name == FINETUNE_SCRATCH, run_dir), data)
-        exports[name] = manifest["outputs"]["export"]
-        logger.info("%s", finetune_summary(manifest))
+    exports = {name: manifest["outputs"]["export"] for name, manifest in run_finetunings(config, plans, data).items()}
 
     announce("evaluation: pipeline student against the scratch baseline")
     description = f"the test split of preset {config.name} ({len(data.test)} utterances)"

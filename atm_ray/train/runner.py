@@ -215,17 +215,27 @@ def watch_progress(stage_dir: str | Path, describe: Callable[[dict], str]) -> It
 
 
 class StageBar:
-    """A stage's tqdm bar on a terminal (none otherwise); while it shows, our log lines go above it."""
+    """A stage's tqdm bar on a terminal (none otherwise); while bars show, our log lines go above them.
+
+    Two stages may show bars at once (the pipeline's fine-tunings): the first bar redirects the log lines
+    and the last one to close puts them back, whatever the order they close in."""
+
+    _lock = threading.Lock()
+    _open = 0
+    _redirect = None
 
     def __init__(self, name: str, total: int | None = None, start: int = 0, unit: str = "step"):
         from tqdm import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.bar = tqdm(desc=name, total=total, initial=start, unit=unit, disable=None, dynamic_ncols=True, leave=False)
-        self.redirect = None
-        if not self.bar.disable:
-            self.redirect = logging_redirect_tqdm(loggers=[logging.getLogger("atm_ray")])
-            self.redirect.__enter__()
+        if self.bar.disable:
+            return
+        with StageBar._lock:
+            if StageBar._open == 0:
+                StageBar._redirect = logging_redirect_tqdm(loggers=[logging.getLogger("atm_ray")])
+                StageBar._redirect.__enter__()
+            StageBar._open += 1
 
     def move(self, position: int, line: str | None = None, total: int | None = None, unit: str | None = None) -> None:
         if self.bar.disable:
@@ -240,9 +250,13 @@ class StageBar:
             self.bar.update(position - self.bar.n)  # redraws at most every tqdm's mininterval
 
     def close(self) -> None:
+        if self.bar.disable:  # never shown, or closed already (tqdm disables a closed bar)
+            return
         self.bar.close()
-        if self.redirect is not None:
-            self.redirect.__exit__(None, None, None)
+        with StageBar._lock:
+            StageBar._open -= 1
+            if StageBar._open == 0:
+                StageBar._redirect.__exit__(None, None, None)
 
 
 def fit_with_ray(
