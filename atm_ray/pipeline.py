@@ -14,8 +14,8 @@ the stages after it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from atm_ray.config import Config
@@ -32,37 +32,63 @@ from atm_ray.train.teachers import check_teachers
 logger = logging.getLogger(__name__)
 
 
-def run_finetunings(config: Config, plans: dict[str, FinetunePlan], data: NluData) -> dict[str, dict]:
-    """Run the fine-tunings that are not up to date; returns each one's manifest.
-
-    They share nothing, so two run side by side: on a 2-core machine a model this small gains little from
-    a second thread, and each Ray Train run spends its first half-minute starting actors. Where the
-    cluster cannot give both their ``cluster.cpus_per_worker`` at once, each gets half (the stage's hash
-    does not include it: a later standalone ``atm-ray finetune`` still finds it up to date)."""
+def side_by_side(config: Config) -> Config | None:
+    """The configuration under which two fine-tunings fit on the cluster at once, or None: where the
+    cluster cannot give both their ``cluster.cpus_per_worker``, each gets half (the stage's hash does not
+    include it: a later standalone ``atm-ray finetune`` still finds the stage up to date); GPUs are not split."""
     import ray
 
     from atm_ray.cluster import init_ray
 
+    cluster, workers = config.cluster, config.finetune.num_workers
+    init_ray(cluster.address)
+    resources = ray.cluster_resources()
+    if cluster.use_gpu and resources.get("GPU", 0) < 2 * (cluster.gpus_per_worker or 1) * workers:
+        return None
+    if resources.get("CPU", 0) >= 2 * cluster.cpus_per_worker * workers:
+        return config
+    return config.model_copy(update={"cluster": cluster.model_copy(update={"cpus_per_worker": cluster.cpus_per_worker / 2})})
+
+
+def run_finetunings(config: Config, plans: dict[str, FinetunePlan], data: NluData) -> dict[str, dict]:
+    """Run the fine-tunings that are not up to date; returns each one's manifest.
+
+    They share nothing, so two run side by side where they fit (``side_by_side``): on a 2-core machine a
+    model this small gains little from a second thread, and each Ray Train run spends its first half-minute
+    starting actors."""
+    import ray
+
     manifests = {name: up_to_date(plan.stage_dir, plan.config_hash) for name, plan in plans.items()}
     pending = [name for name, manifest in manifests.items() if not manifest]
-    if len(pending) > 1:
-        init_ray(config.cluster.address)
-        cluster = config.cluster
-        needed = 2 * cluster.cpus_per_worker * config.finetune.num_workers
-        if ray.cluster_resources().get("CPU", 0) < needed:
-            config = config.model_copy(update={"cluster": cluster.model_copy(update={"cpus_per_worker": cluster.cpus_per_worker / 2})})
-        with ThreadPoolExecutor(len(pending), thread_name_prefix="finetune") as pool:
-            futures = {name: pool.submit(run_finetune_stage, config, plans[name], data) for name in pending}
-            try:
-                wait(futures.values())
-            except KeyboardInterrupt:
-                # Ray Train's own Ctrl-C handler lives only in the main thread, which waits here: ending this
-                # program's Ray ends both runs (each resumes from its last epoch's checkpoint)
-                ray.shutdown()
-                raise
-        manifests.update({name: future.result() for name, future in futures.items()})
-    else:
+    together = side_by_side(config) if len(pending) > 1 else None
+    if together is None:
         manifests.update({name: run_finetune_stage(config, plans[name], data) for name in pending})
+    else:
+        outcomes: dict = {}
+
+        def run(name: str) -> None:
+            try:
+                outcomes[name] = run_finetune_stage(together, plans[name], data)
+            except BaseException as error:  # noqa: BLE001 - raised again in the main thread below
+                outcomes[name] = error
+
+        # daemon threads: after a Ctrl-C a thread may stay blocked in ray.get on a Ray that is gone, and
+        # the program must not wait for it on its way out
+        threads = [threading.Thread(target=run, args=(name,), name=f"fine-tuning {name}", daemon=True) for name in pending]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:
+            # Ray Train's own Ctrl-C handler lives only in the main thread, which waits here: ending this
+            # program's Ray ends both runs (each resumes from its last epoch's checkpoint)
+            ray.shutdown()
+            raise
+        for name in pending:
+            if isinstance(outcomes[name], BaseException):
+                raise outcomes[name]
+            manifests[name] = outcomes[name]
     for manifest in manifests.values():
         logger.info("%s", finetune_summary(manifest))
     return manifests

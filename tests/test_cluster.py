@@ -32,6 +32,7 @@ def test_a_broken_cluster_yaml_is_refused():
 
 
 KUBERAY = Path(__file__).resolve().parents[1] / "kuberay"
+RAY_DASHBOARD = False  # the local_ray below needs no state API
 
 
 def test_kuberay_rayjob_runs_a_job_entry_point_that_parses():
@@ -129,3 +130,16 @@ def test_workers_reach_their_own_state_api_while_another_local_ray_runs():
     finally:
         other.stdin.close()
         other.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_side_by_side_fine_tunings_halve_what_the_cluster_cannot_hold_twice(local_ray):
+    from atm_ray.config import load_config
+    from atm_ray.pipeline import side_by_side
+
+    cpus = local_ray.cluster_resources()["CPU"]
+    roomy = load_config("tiny", [f"cluster.cpus_per_worker={cpus / 2}"])
+    assert side_by_side(roomy) is roomy  # both fit as they are
+    tight = side_by_side(load_config("tiny", [f"cluster.cpus_per_worker={cpus}"]))
+    assert tight.cluster.cpus_per_worker == cpus / 2 and tight.cluster.num_workers == 1
+    assert side_by_side(load_config("tiny", ["cluster.use_gpu=true"])) is None  # GPUs are not split

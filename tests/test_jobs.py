@@ -149,6 +149,12 @@ def test_pipeline_job_runs_every_stage_and_writes_the_report(pipeline_run):
     for section in ("## Stages", "## Parameter counts", "## Teacher switch", "## Mask filling", "## NLU comparison"):
         assert section in report
     assert "switched from the Stage-1 to the Stage-2 teacher at step 6" in report
+    # the two fine-tunings ran side by side (on this 2-CPU head, one CPU each): each started before the
+    # other one's manifest was written
+    started = {stage: json.loads((run_dir / stage / "progress.json").read_text())["started"] for stage in STAGES[-2:]}
+    ended = {stage: (run_dir / stage / "manifest.json").stat().st_mtime for stage in STAGES[-2:]}
+    assert started["finetune_scratch"] < ended["finetune_student"] and started["finetune_student"] < ended["finetune_scratch"], (started, ended)
+    assert "finetune_scratch: export in" in logs and "finetune_student: export in" in logs
     for figure in ("loss_perplexity.png", "mask_filling.png", "finetuning.png"):
         assert f"report/{figure}" in report and (run_dir / "report" / figure).stat().st_size > 5_000
     # `atm-ray report` rebuilds it
@@ -193,3 +199,33 @@ def test_changed_stage_reruns_and_resumes_after_a_kill(pipeline_run, tmp_path):
     assert "[final_distill] resumed from the checkpoint of step" in output
     for stage in ("final_distill", "finetune_student"):
         assert after[stage][0] != before[stage][0], f"{stage} did not rerun"
+
+
+def test_ctrl_c_stops_the_side_by_side_fine_tunings_and_a_rerun_resumes_each(pipeline_run, tmp_path):
+    """The pipeline's two fine-tunings run in threads, where Ray Train's own Ctrl-C handler cannot be:
+    Ctrl-C still ends the pipeline with the command that resumes it, and that command resumes each one."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(pipeline_run[0], run_dir, symlinks=True)
+    for stage in ("finetune_scratch", "finetune_student", "evaluation"):
+        shutil.rmtree(run_dir / stage)
+    longer = ["finetune.max_epochs=30", "finetune.patience=30"]  # ~1 s an epoch here: time to interrupt
+    process = _pipeline(run_dir, *longer)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if all(any((run_dir / stage / "ray").glob("*/checkpoint_*")) for stage in STAGES[-2:]):
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, "the pipeline ended before both fine-tunings wrote a checkpoint"
+    time.sleep(1.0)  # past Ray Train's report poll, so the checkpoints are registered
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode == 130, output[-4000:]
+    assert "interrupted" in output and f"pipeline --preset tiny --run-dir {run_dir}" in output, output[-4000:]
+    assert not any((run_dir / stage / "manifest.json").exists() for stage in STAGES[-2:])
+
+    rerun = _pipeline(run_dir, *longer)
+    output, _ = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, output[-4000:]
+    for stage in STAGES[-2:]:
+        assert f"[{stage}] resumed from the checkpoint of epoch" in output, output[-4000:]
+        assert json.loads((run_dir / stage / "manifest.json").read_text())["metrics"]["best_epoch"] >= 1
