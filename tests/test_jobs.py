@@ -208,7 +208,7 @@ def test_ctrl_c_stops_the_side_by_side_fine_tunings_and_a_rerun_resumes_each(pip
     shutil.copytree(pipeline_run[0], run_dir, symlinks=True)
     for stage in ("finetune_scratch", "finetune_student", "evaluation"):
         shutil.rmtree(run_dir / stage)
-    longer = ["finetune.max_epochs=30", "finetune.patience=30"]  # ~1 s an epoch here: time to interrupt
+    longer = ["finetune.max_epochs=15", "finetune.patience=15"]  # 2-3 s an epoch here: time to interrupt
     process = _pipeline(run_dir, *longer)
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
