@@ -54,6 +54,11 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     else:
+        # Ray gives a new local cluster token authentication unless told otherwise, and warns on the console
+        # that it did, at every start: that note is not a problem to the user (the warning Ray gives when
+        # authentication is off still shows)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: not record.getMessage().startswith("Token authentication is enabled"))
         port = None
         if dashboard and API_SERVER_ENV not in os.environ:
             port = _free_port()

@@ -10,6 +10,8 @@ GPU, the 2.3B teacher (no Ray there: --no-ray):
 
 Tokens are real (non-pad) tokens of random rows over the preset's vocabulary; each loop masks them with
 the same collator, clips gradients at 1.0 and steps a warm-up/decay schedule, so the work is the same.
+The plain loop applies the LM head to the masked positions only, as the engine does; the row
+``plain_full_head`` is transformers' own ``labels=`` loss (the head on every position) for comparison.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from transformers import get_linear_schedule_with_warmup  # noqa: E402
 
 from atm_ray.train.engine import MlmTrainer, init_single_process_group, parameter_groups  # noqa: E402
 from atm_ray.data.masking import MaskingCollator  # noqa: E402
-from atm_ray.train.modeling import BOS_ID, SPECIAL_TOKENS, build_masked_lm, count_parameters  # noqa: E402
+from atm_ray.data.tokenizer import BOS_ID, SPECIAL_TOKENS  # noqa: E402
+from atm_ray.train.modeling import build_masked_lm, count_parameters  # noqa: E402
 
 
 def make_rows(count: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -74,7 +77,7 @@ def timed_rate(args, step) -> float:
     return units / (time.perf_counter() - started)
 
 
-def plain_pytorch(args, shape, vocab: int, precision: str, optimizer_name: str) -> float:
+def plain_pytorch(args, shape, vocab: int, precision: str, optimizer_name: str, full_head: bool = False) -> float:
     device = _device()
     with device:  # initialise on the GPU: a 2.3B model takes a minute to initialise on the CPU
         model = build_masked_lm(shape, vocab, seed=0).train()
@@ -91,7 +94,12 @@ def plain_pytorch(args, shape, vocab: int, precision: str, optimizer_name: str) 
         tokens = int(batch["attention_mask"].sum())  # on the CPU, as the engine counts
         batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(**batch).loss
+            if full_head:
+                loss = model(**batch).loss
+            else:
+                hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+                masked = batch["labels"] != -100
+                loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[masked]), batch["labels"][masked])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -167,8 +175,8 @@ def _free() -> None:
 
 def measure(args, shape, vocab: int, key: tuple) -> float:
     loop, precision, zero = key
-    if loop == "plain_pytorch":
-        rate = plain_pytorch(args, shape, vocab, precision, args.optimizer)
+    if loop.startswith("plain"):
+        rate = plain_pytorch(args, shape, vocab, precision, args.optimizer, full_head=loop == "plain_full_head")
     else:
         rate = engine_loop(args, shape, vocab, precision, args.optimizer, zero)
     _free()
@@ -218,7 +226,7 @@ def main() -> None:
     baseline_precision = "bf16" if any(p in ("bf16", "autocast_bf16") for p in args.precision) else "fp32"
     # Interleave the loops over several rounds and keep each one's best: a shared machine is noisy.
     # With --isolate each measurement runs in its own process, so a 2.3B model's memory is freed.
-    measurements = [("plain_pytorch", baseline_precision, None)]
+    measurements = [("plain_pytorch", baseline_precision, None), ("plain_full_head", baseline_precision, None)]
     measurements += [("engine", precision, zero) for precision in args.precision for zero in args.zero]
     best: dict[tuple, float] = {}
     for round_index in range(args.rounds):
@@ -233,7 +241,7 @@ def main() -> None:
     plain = best[("plain_pytorch", baseline_precision, None)]
     results = []
     for (loop, precision, zero), rate in best.items():
-        label = f"{loop:14s} {precision:14s} {'' if zero is None else f'ZeRO-{zero}':7s}"
+        label = f"{loop:15s} {precision:14s} {'' if zero is None else f'ZeRO-{zero}':7s}"
         print(f"{label} {rate:12,.0f} tokens/s  {rate / plain:6.3f} x plain PyTorch", flush=True)
         results.append({"loop": loop, "precision": precision, "zero": zero, "tokens_per_second": rate, "ratio": rate / plain})
     if args.json:

@@ -127,6 +127,39 @@ def test_export_loads_and_gives_the_engines_logits(prepared_run, tmp_path):
     assert torch.allclose(expected, actual, atol=1e-5)
 
 
+def test_training_loss_and_gradients_match_transformers_labels_path(prepared_run):
+    """The head runs on the masked positions only: the loss and every gradient are those of the model's own
+    ``labels=`` forward (all positions), and the encoder hook leaves evaluation's full logits alone."""
+    from atm_ray.data.prepare import PreparedData
+
+    prepared = PreparedData(prepared_run / "prepared" / "prepare")
+    init_single_process_group()
+    model = build_masked_lm(load_config("tiny").models["teacher"], prepared.vocab_size, seed=0)
+    reference = build_masked_lm(load_config("tiny").models["teacher"], prepared.vocab_size, seed=0)
+    trainer = MlmTrainer(model, EngineConfig(micro_batch_size=8, warmup_steps=1), total_steps=3, vocab_size=prepared.vocab_size)
+    rows = next(endless(RowSource(read_rows(prepared.shard_dir("spoken", "train")), 8, seed=0)))
+    batch = trainer.collator(rows)
+    assert 0 < int((batch["labels"] != -100).sum()) < batch["labels"].numel()
+
+    from deepspeed.utils import safe_get_full_grad
+
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda module, args, output: head_rows.append(args[0].shape[:-1]))
+    loss = trainer.compute_loss(batch)
+    trainer.engine.backward(loss)
+    assert head_rows == [((batch["labels"] != -100).sum(),)]  # the head saw the masked positions alone
+    expected = reference(**batch).loss
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for (name, parameter), (_, reference_parameter) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(safe_get_full_grad(parameter), reference_parameter.grad, atol=1e-6), name
+
+    trainer.engine.eval()
+    with torch.no_grad():
+        logits = trainer.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape == (*batch["input_ids"].shape, prepared.vocab_size) and head_rows[-1] == batch["input_ids"].shape
+
+
 def test_deepspeed_config_and_schedule():
     engine = EngineConfig(zero_stage=2, precision="bf16", micro_batch_size=4, gradient_accumulation_steps=3)
     config = deepspeed_config(engine, world_size=2)
