@@ -18,6 +18,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _no_token_auth_note(record: logging.LogRecord) -> bool:
+    """Ray gives a new local cluster token authentication unless told otherwise and warns on the console
+    that it did, at every start: not a problem to the user. The warning it gives when authentication is
+    off still shows."""
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def init_ray(address: str | None = None, dashboard: bool = True) -> None:
     """Join ``address`` (or the cluster of a submitted job), else start a local Ray for this program,
     with its dashboard on 127.0.0.1: Ray's state API lives there, and Ray Train V2's placement-group
@@ -54,11 +61,7 @@ def init_ray(address: str | None = None, dashboard: bool = True) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=log_to_driver)
     else:
-        # Ray gives a new local cluster token authentication unless told otherwise, and warns on the console
-        # that it did, at every start: that note is not a problem to the user (the warning Ray gives when
-        # authentication is off still shows)
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-            lambda record: not record.getMessage().startswith("Token authentication is enabled"))
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_no_token_auth_note)
         port = None
         if dashboard and API_SERVER_ENV not in os.environ:
             port = _free_port()

@@ -55,7 +55,7 @@ def test_ctrl_c_prints_the_resume_command_and_the_console_stays_quiet(tmp_path):
     # the workers' DeepSpeed and Ray lines are in the log file, not here; nothing repeats
     assert "Checkpoint successfully created" not in output and "Checkpoint successfully created" in log_file.read_text()
     assert "Failed to query Ray Train Controller" not in output
-    assert "Token authentication" not in output  # Ray's note that it enabled what we ask for
+    assert "Token authentication" not in output  # Ray's note that a new local cluster has it
     repeated = {line: count for line, count in Counter(line for line in output.splitlines() if line.strip()).items() if count > 1}
     assert not repeated, repeated
     assert len(output.splitlines()) < 30, output

@@ -130,6 +130,8 @@ def test_export_loads_and_gives_the_engines_logits(prepared_run, tmp_path):
 def test_training_loss_and_gradients_match_transformers_labels_path(prepared_run):
     """The head runs on the masked positions only: the loss and every gradient are those of the model's own
     ``labels=`` forward (all positions), and the encoder hook leaves evaluation's full logits alone."""
+    from deepspeed.utils import safe_get_full_grad
+
     from atm_ray.data.prepare import PreparedData
 
     prepared = PreparedData(prepared_run / "prepared" / "prepare")
@@ -139,15 +141,14 @@ def test_training_loss_and_gradients_match_transformers_labels_path(prepared_run
     trainer = MlmTrainer(model, EngineConfig(micro_batch_size=8, warmup_steps=1), total_steps=3, vocab_size=prepared.vocab_size)
     rows = next(endless(RowSource(read_rows(prepared.shard_dir("spoken", "train")), 8, seed=0)))
     batch = trainer.collator(rows)
-    assert 0 < int((batch["labels"] != -100).sum()) < batch["labels"].numel()
-
-    from deepspeed.utils import safe_get_full_grad
+    masked = int((batch["labels"] != -100).sum())
+    assert 0 < masked < batch["labels"].numel()
 
     head_rows = []
     model.lm_head.register_forward_hook(lambda module, args, output: head_rows.append(args[0].shape[:-1]))
     loss = trainer.compute_loss(batch)
     trainer.engine.backward(loss)
-    assert head_rows == [((batch["labels"] != -100).sum(),)]  # the head saw the masked positions alone
+    assert head_rows == [(masked,)]  # the head saw the masked positions alone
     expected = reference(**batch).loss
     expected.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
