@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import requests  # noqa: E402
 
 from atm_ray.config import INFERENCE_BACKENDS  # noqa: E402
+from atm_ray.serve.ab import WINDOW as LEDGER_WINDOW  # noqa: E402
 
 TEXTS = ["add this song to my workout playlist", "play some jazz by miles davis on spotify",
          "what will the weather be in paris tomorrow", "book a table for two at seven pm",
@@ -166,8 +167,8 @@ def serve_app(url: str, model: Path, seconds: int, arms: int = 1, replicas: int 
         loaded = wrk(f"{url}/v1/parse", 16, seconds)
         after = batch_totals(url)
         # the 16-connection run's own batches (the 1-connection run's batches of 1 would dilute the mean);
-        # the ledger keeps the last 10,000 batch sizes, so a long run's difference would be wrong: none then
-        mean_batch = (after[1] - before[1]) / max(after[0] - before[0], 1) if after[0] < 10_000 else None
+        # the ledger keeps the last WINDOW batch sizes, so a long run's difference would be wrong: none then
+        mean_batch = (after[1] - before[1]) / max(after[0] - before[0], 1) if after[0] < LEDGER_WINDOW else None
         return {"one_connection": one, "sixteen_connections": loaded, "mean_batch_arm_A_16_connections": mean_batch}
     finally:
         serve.delete("bench")

@@ -95,11 +95,14 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+WINDOW = 10_000  # latencies and batch sizes the ledger keeps per arm (the most recent)
+
+
 class Ledger:
     """Per-arm request counts, latencies (the most recent ``window``), intents, batch sizes, shadow
     agreement and feedback. ``request_arms`` remembers the arm of the last ``memory`` request ids."""
 
-    def __init__(self, arm_names: list[str], window: int = 10_000, memory: int = 200_000):
+    def __init__(self, arm_names: list[str], window: int = WINDOW, memory: int = 200_000):
         self.arm_names = list(arm_names)
         self.window, self.memory = window, memory
         self.requests: dict[str, int] = defaultdict(int)
